@@ -1,0 +1,122 @@
+"""Per-call deadlines for drivers that have no client-side read timeout.
+
+psycopg (3 and 2) block in ``recv`` for ever when the network goes silent on an
+established connection. Each watched connection gets a :class:`Slot`; a call
+arms it with a deadline and disarms it when done (two attribute writes). One
+daemon thread scans the armed slots every ``tick`` seconds and, when a deadline
+has passed, shuts the socket down so the blocked call fails at once and
+SQLAlchemy discards the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+__all__ = ["Slot", "Watchdog", "socket_fileno"]
+
+
+class Slot:
+    """The deadline state of one DBAPI connection."""
+
+    __slots__ = ("__weakref__", "deadline", "fd_getter", "fired")
+
+    def __init__(self, fd_getter: Callable[[], int | None]) -> None:
+        self.deadline = 0.0
+        self.fired = False
+        self.fd_getter = fd_getter
+
+
+def socket_fileno(dbapi_connection: object) -> int | None:
+    """The socket's file descriptor for psycopg 3 / psycopg2 / PyMySQL connections."""
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is not None:
+        try:
+            return int(pgconn.socket)
+        except Exception:
+            return None
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if callable(fileno):
+        try:
+            return int(fileno())
+        except Exception:
+            return None
+    sock = getattr(dbapi_connection, "_sock", None)
+    if sock is not None:
+        try:
+            return int(sock.fileno())
+        except Exception:
+            return None
+    return None
+
+
+class Watchdog:
+    """Shuts down sockets whose call outlived its deadline."""
+
+    def __init__(self, tick: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tick = tick
+        self.clock = clock
+        self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.fired = 0
+
+    def slot(self, fd_getter: Callable[[], int | None]) -> Slot:
+        """Register a new slot and make sure the scanning thread runs."""
+        s = Slot(fd_getter)
+        with self._lock:
+            self._slots.add(s)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="resilient-db-watchdog", daemon=True
+                )
+                self._thread.start()
+        return s
+
+    def scan(self) -> int:
+        """Fire every slot whose deadline has passed; returns how many fired."""
+        now = self.clock()
+        fired = 0
+        with self._lock:
+            slots = list(self._slots)
+        for s in slots:
+            d = s.deadline
+            if d and now >= d and not s.fired:
+                s.fired = True
+                s.deadline = 0.0
+                fd = s.fd_getter()
+                if fd is not None and fd >= 0:
+                    _shutdown(fd)
+                fired += 1
+        self.fired += fired
+        return fired
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            self.scan()
+
+
+def _shutdown(fd: int) -> None:
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+WATCHDOG = Watchdog()

@@ -1,0 +1,302 @@
+"""Policies: frozen, validated values that say how an engine behaves under trouble.
+
+Change a policy with :func:`dataclasses.replace`; every field is checked on
+construction and a bad one raises :class:`~resilient_db.ConfigurationError`
+naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "BreakerPolicy",
+    "Policy",
+    "PoolPolicy",
+    "RetryPolicy",
+    "Timeouts",
+]
+
+ValidateMode = Literal["strict", "warn", "off"]
+
+
+def _check_number(
+    obj: object,
+    name: str,
+    *,
+    optional: bool = False,
+    integer: bool = False,
+    minimum: float = 0.0,
+    strict: bool = True,
+    maximum: float | None = None,
+) -> None:
+    value = getattr(obj, name)
+    qual = f"{type(obj).__name__}.{name}"
+    if value is None:
+        if optional:
+            return
+        raise ConfigurationError(qual, "must be set, got None.", "Give a number.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            qual, f"must be a number, got {type(value).__name__} {value!r}.", "Give a number."
+        )
+    if integer and not isinstance(value, int):
+        raise ConfigurationError(qual, f"must be a whole number, got {value!r}.", "Use an int.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(qual, f"must be finite, got {value!r}.", "Give a finite number.")
+    if (value <= minimum) if strict else (value < minimum):
+        rel = ">" if strict else ">="
+        raise ConfigurationError(
+            qual,
+            f"must be {rel} {minimum:g}, got {value!r}.",
+            f"Use a value {rel} {minimum:g}" + (" or None to disable." if optional else "."),
+        )
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(qual, f"must be <= {maximum:g}, got {value!r}.", "Lower it.")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Time limits in seconds. ``None`` disables a limit (validation warns about it).
+
+    - ``connect``: one connection attempt, including the server's greeting.
+    - ``checkout``: waiting for a pooled connection (SQLAlchemy's ``pool_timeout``).
+    - ``statement``: the server-side statement timeout (PostgreSQL
+      ``statement_timeout``, MariaDB ``max_statement_time``, SQLite busy timeout).
+    - ``call``: the client-side deadline for one call on an established
+      connection; a silent network or hung server cannot hold a call longer.
+    """
+
+    connect: float | None = 5.0
+    checkout: float = 2.0
+    statement: float | None = 30.0
+    call: float | None = 35.0
+
+    def __post_init__(self) -> None:
+        _check_number(self, "connect", optional=True)
+        _check_number(self, "checkout")
+        _check_number(self, "statement", optional=True)
+        _check_number(self, "call", optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPolicy:
+    """Pool sizing and connection hygiene.
+
+    - ``size`` / ``max_overflow``: as SQLAlchemy's ``pool_size`` / ``max_overflow``.
+    - ``max_waiters``: callers allowed to wait for a connection at once; more are
+      rejected at once with :class:`~resilient_db.PoolExhaustedError` (the bulkhead).
+    - ``recycle``: replace connections older than this (below MySQL's idle timeout).
+    - ``ping_after_idle``: ping a pooled connection on checkout only when it sat
+      idle longer than this (``None``: never; ``0``: on every checkout).
+    """
+
+    size: int = 5
+    max_overflow: int = 5
+    max_waiters: int | None = 16
+    recycle: float | None = 1800.0
+    ping_after_idle: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check_number(self, "size", integer=True, minimum=1, strict=False)
+        _check_number(self, "max_overflow", integer=True, minimum=0, strict=False)
+        _check_number(self, "max_waiters", integer=True, minimum=0, strict=False, optional=True)
+        _check_number(self, "recycle", optional=True)
+        _check_number(self, "ping_after_idle", optional=True, strict=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of the connect phase and of whole units of work.
+
+    Exponential backoff with full jitter: the n-th sleep is uniform in
+    ``[0, min(max_backoff, initial * 2**n)]``. ``attempts`` counts the first try;
+    ``deadline`` caps the whole sequence, including the next sleep.
+    """
+
+    attempts: int = 3
+    initial: float = 0.05
+    max_backoff: float = 1.0
+    deadline: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_number(self, "attempts", integer=True, minimum=1, strict=False)
+        _check_number(self, "initial", minimum=0, strict=False)
+        _check_number(self, "max_backoff", minimum=0, strict=False)
+        _check_number(self, "deadline")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When the circuit breaker opens and how it probes the database back.
+
+    It opens after ``failure_threshold`` consecutive counted failures, or, when
+    ``failure_rate`` is set, when that share of the last ``window`` calls
+    failed (after at least ``minimum_calls``). A call slower than
+    ``slow_call`` seconds counts as a failure. After ``reset_timeout`` it lets
+    ``half_open_max_calls`` probes through at a time; ``success_threshold``
+    successful probes close it.
+    """
+
+    enabled: bool = True
+    failure_threshold: int = 5
+    failure_rate: float | None = None
+    window: int = 20
+    minimum_calls: int = 10
+    slow_call: float | None = None
+    reset_timeout: float = 5.0
+    half_open_max_calls: int = 1
+    success_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationError(
+                "BreakerPolicy.enabled", f"must be True or False, got {self.enabled!r}.", ""
+            )
+        _check_number(self, "failure_threshold", integer=True, minimum=1, strict=False)
+        _check_number(self, "failure_rate", optional=True, maximum=1.0)
+        _check_number(self, "window", integer=True, minimum=1, strict=False)
+        _check_number(self, "minimum_calls", integer=True, minimum=1, strict=False)
+        _check_number(self, "slow_call", optional=True)
+        _check_number(self, "reset_timeout")
+        _check_number(self, "half_open_max_calls", integer=True, minimum=1, strict=False)
+        _check_number(self, "success_threshold", integer=True, minimum=1, strict=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything resilient_db applies to one engine.
+
+    ``instances`` is how many processes of the service share the database; the
+    validator compares ``(pool.size + pool.max_overflow) * instances`` with the
+    server's ``max_connections``. ``application_name`` is shown to DBAs
+    (``pg_stat_activity``, MariaDB connection attributes).
+    """
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    pool: PoolPolicy = field(default_factory=PoolPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    instances: int = 1
+    application_name: str | None = "resilient-db"
+    validate: ValidateMode = "warn"
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("timeouts", Timeouts),
+            ("pool", PoolPolicy),
+            ("retry", RetryPolicy),
+            ("breaker", BreakerPolicy),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise ConfigurationError(
+                    f"Policy.{name}",
+                    f"must be a {cls.__name__}, got {type(value).__name__}.",
+                    f"Pass resilient_db.{cls.__name__}(...).",
+                )
+        _check_number(self, "instances", integer=True, minimum=1, strict=False)
+        if self.validate not in ("strict", "warn", "off"):
+            raise ConfigurationError(
+                "Policy.validate",
+                f"must be 'strict', 'warn' or 'off', got {self.validate!r}.",
+                "Pick one of the three.",
+            )
+        if self.application_name is not None and not isinstance(self.application_name, str):
+            raise ConfigurationError(
+                "Policy.application_name", "must be a string or None.", "Pass a short name."
+            )
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, prefix: str = "RESILIENT_DB_"
+    ) -> Policy:
+        """Build a policy from environment variables (12-factor configuration).
+
+        Names are ``{prefix}{GROUP}_{FIELD}`` for grouped fields, e.g.
+        ``RESILIENT_DB_TIMEOUTS_CONNECT=3``, ``RESILIENT_DB_POOL_SIZE=10``,
+        ``RESILIENT_DB_BREAKER_RESET_TIMEOUT=2``, and ``{prefix}{FIELD}`` for
+        top-level ones (``RESILIENT_DB_INSTANCES``). ``none`` disables an
+        optional limit. An unknown variable with the prefix is an error, so a
+        typo never silently falls back to a default.
+        """
+        env = os.environ if environ is None else environ
+        groups: dict[str, dict[str, Any]] = {
+            "timeouts": {},
+            "pool": {},
+            "retry": {},
+            "breaker": {},
+        }
+        top: dict[str, Any] = {}
+        group_types = {
+            "timeouts": Timeouts,
+            "pool": PoolPolicy,
+            "retry": RetryPolicy,
+            "breaker": BreakerPolicy,
+        }
+        top_fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in group_types}
+        for key, raw in env.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :].lower()
+            for gname, gcls in group_types.items():
+                if rest.startswith(gname + "_"):
+                    fname = rest[len(gname) + 1 :]
+                    gfields = {f.name: f for f in dataclasses.fields(gcls)}
+                    if fname not in gfields:
+                        raise ConfigurationError(
+                            key,
+                            f"is not a known setting of {gcls.__name__}.",
+                            f"Use one of: {', '.join(prefix + gname.upper() + '_' + n.upper() for n in gfields)}.",  # noqa: E501
+                        )
+                    groups[gname][fname] = _parse(key, raw, gfields[fname].type)
+                    break
+            else:
+                if rest not in top_fields:
+                    raise ConfigurationError(
+                        key,
+                        "is not a known resilient_db setting.",
+                        "Check the spelling; see docs/configuration.md for the list.",
+                    )
+                top[rest] = _parse(key, raw, top_fields[rest].type)
+        return cls(
+            timeouts=Timeouts(**groups["timeouts"]),
+            pool=PoolPolicy(**groups["pool"]),
+            retry=RetryPolicy(**groups["retry"]),
+            breaker=BreakerPolicy(**groups["breaker"]),
+            **top,
+        )
+
+
+def _parse(key: str, raw: str, annotation: Any) -> Any:
+    text = str(annotation)
+    value = raw.strip()
+    if "None" in text and value.lower() in ("none", "null", ""):
+        return None
+    try:
+        if text.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ConfigurationError(
+            key, f"cannot be parsed from {value!r}.", f"Give a value of type {text}."
+        ) from None
+    return value
+
+
+DEFAULT_POLICY = Policy()

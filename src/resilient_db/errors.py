@@ -1,0 +1,182 @@
+"""The exception tree of resilient_db and the context every failure carries.
+
+Every new exception also subclasses the SQLAlchemy exception a user already
+catches for that fault, so existing ``except sqlalchemy.exc....`` handlers keep
+working::
+
+    ResilientDBError                   (mixin: .context, .diagnosis)
+    ├── ConfigurationError             sqlalchemy.exc.ArgumentError, ValueError
+    ├── CircuitOpenError               sqlalchemy.exc.OperationalError
+    ├── AmbiguousCommitError           sqlalchemy.exc.OperationalError
+    └── PoolExhaustedError             sqlalchemy.exc.TimeoutError
+
+Errors raised by drivers keep their own SQLAlchemy type; resilient_db attaches
+an :class:`ErrorContext` to them, reachable with :func:`error_context`, and adds
+the diagnosis as a PEP 678 note so a plain traceback shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "AmbiguousCommitError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "ErrorContext",
+    "PoolExhaustedError",
+    "ResilientDBError",
+    "error_context",
+]
+
+_CONTEXT_ATTR = "resilient_db_context"
+_NOTE_PREFIX = "resilient_db: "
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorContext:
+    """Everything an operator needs to know about one failure.
+
+    Never holds a password, token or bind parameter. Serialise it with
+    :meth:`to_dict` for structured logs.
+    """
+
+    engine: str
+    dialect: str | None = None
+    driver: str | None = None
+    host: str | None = None
+    port: int | None = None
+    database: str | None = None
+    user: str | None = None
+    phase: str = "execute"
+    attempt: int = 1
+    elapsed: float = 0.0
+    breaker_state: str | None = None
+    code: str | None = None
+    kind: str = "unknown"
+    retry: str = "never"
+    diagnosis: str = ""
+    history: tuple[str, ...] = ()
+    retry_in: float | None = None
+    extra: tuple[tuple[str, Any], ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the context as a JSON-serialisable dict."""
+        data = dataclasses.asdict(self)
+        data["history"] = list(self.history)
+        data["extra"] = dict(self.extra)
+        return data
+
+
+class ResilientDBError(Exception):
+    """Base of every exception resilient_db raises itself."""
+
+    context: ErrorContext | None
+
+    @property
+    def diagnosis(self) -> str:
+        """The one-line diagnosis, or the message when there is no context."""
+        if self.context is not None and self.context.diagnosis:
+            return self.context.diagnosis
+        return str(self)
+
+
+class _Reason(Exception):
+    """Stand-in for the DBAPI error a DBAPIError subclass expects as ``orig``."""
+
+
+class _OperationalFault(ResilientDBError, sa_exc.OperationalError):
+    def __init__(self, message: str, context: ErrorContext | None = None) -> None:
+        sa_exc.OperationalError.__init__(self, None, None, _Reason(message), hide_parameters=True)
+        self.message = message
+        self.context = context
+        if context is not None:
+            attach(self, context)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.context))
+
+
+class CircuitOpenError(_OperationalFault):
+    """The engine's circuit breaker is open: the call was rejected without I/O.
+
+    ``context.retry_in`` says how long until the next probe is let through and
+    ``context.diagnosis`` repeats the last underlying failure's diagnosis.
+    """
+
+
+class AmbiguousCommitError(_OperationalFault):
+    """The connection was lost while COMMIT was in flight; the outcome is unknown."""
+
+
+class PoolExhaustedError(ResilientDBError, sa_exc.TimeoutError):
+    """No pooled connection became free in time, or too many callers were waiting."""
+
+    def __init__(self, message: str, context: ErrorContext | None = None) -> None:
+        sa_exc.TimeoutError.__init__(self, message)
+        self.message = message
+        self.context = context
+        if context is not None:
+            attach(self, context)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.context))
+
+
+class ConfigurationError(ResilientDBError, sa_exc.ArgumentError, ValueError):
+    """A setting is invalid. ``field`` names it and ``fix`` says what to do."""
+
+    def __init__(self, field: str, problem: str, fix: str = "", *, report: Any = None) -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        self.report = report
+        self.context = None
+        message = f"{field}: {problem}"
+        if fix:
+            message += f" Fix: {fix}"
+        sa_exc.ArgumentError.__init__(self, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.field, self.problem, self.fix))
+
+
+def attach(exc: BaseException, context: ErrorContext) -> None:
+    """Attach ``context`` to ``exc`` and add its diagnosis as a note (once)."""
+    try:
+        setattr(exc, _CONTEXT_ATTR, context)
+    except (AttributeError, TypeError):  # pragma: no cover - exotic exception types
+        return
+    if not context.diagnosis:
+        return
+    note = f"{_NOTE_PREFIX}[{context.kind}] {context.diagnosis}"
+    notes: list[str] = list(getattr(exc, "__notes__", ()))
+    notes = [n for n in notes if not n.startswith(_NOTE_PREFIX)]
+    notes.append(note)
+    exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
+
+
+def error_context(exc: BaseException | None) -> ErrorContext | None:
+    """Return the :class:`ErrorContext` attached to ``exc`` or to its causes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        ctx = getattr(exc, _CONTEXT_ATTR, None)
+        if isinstance(ctx, ErrorContext):
+            return ctx
+        exc = exc.__cause__ or exc.__context__
+    return None
