@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, QueuePool
 
 from . import _backoff
 from ._watchdog import WATCHDOG, Slot, socket_fileno
@@ -75,6 +75,15 @@ class Resilience:
         self.pool_timeouts = 0
         self.watch = policy.timeouts.call is not None and engine.dialect.driver in _WATCHED_DRIVERS
         self.slow_call = policy.breaker.slow_call if self.breaker is not None else None
+        # copied out of the policy for the checkout hot path
+        # the bulkhead needs QueuePool's counters; other pools never make callers wait
+        self.max_waiters = (
+            policy.pool.max_waiters if isinstance(engine.pool, QueuePool) else None
+        )
+        # an embedded SQLite connection cannot go stale while idle
+        self.ping_after_idle = (
+            None if engine.dialect.name == "sqlite" else policy.pool.ping_after_idle
+        )
 
     # -- context and errors ------------------------------------------------------
 
@@ -335,6 +344,7 @@ class _ResilientPool:
     _rdb_base: type[Pool]
 
     def _do_get(self) -> Any:
+        # Hot path: every checkout. Keep attribute look-ups and calls few.
         r = self._rdb
         b = r.breaker
         probe = False
@@ -343,9 +353,13 @@ class _ResilientPool:
                 probe = b.before_call()
             except Rejected as rej:
                 raise r.circuit_open(rej) from None
-        limit = r.policy.pool.max_waiters
+        limit = r.max_waiters
         counted = False
-        if limit is not None and _would_wait(self):
+        if (
+            limit is not None
+            and self._overflow >= self._max_overflow >= 0  # type: ignore[attr-defined]
+            and self._pool.qsize() == 0  # type: ignore[attr-defined]
+        ):
             with r._wait_lock:
                 waiting = r.waiting
                 if waiting < limit:
@@ -369,11 +383,18 @@ class _ResilientPool:
             if counted:
                 with r._wait_lock:
                     r.waiting -= 1
-        rec.info["resilient_db.probe"] = probe
-        idle = r.policy.pool.ping_after_idle
-        if idle is not None and rec.dbapi_connection is not None:
-            since = rec.info.get("resilient_db.idle_since")
-            if since is not None and r.clock() - since > idle and not r.ping(self, rec):  # type: ignore[arg-type]
+        info = rec.info
+        if probe:
+            info["resilient_db.probe"] = True
+        idle = r.ping_after_idle
+        if idle is not None:
+            since = info.get("resilient_db.idle_since")
+            if (
+                since is not None
+                and r.clock() - since > idle
+                and rec.dbapi_connection is not None
+                and not r.ping(self, rec)  # type: ignore[arg-type]
+            ):
                 rec.invalidate()
         return rec
 
@@ -382,22 +403,14 @@ class _ResilientPool:
         b = r.breaker
         info = record.info
         if b is not None:
-            probe = info.get("resilient_db.probe", False)
-            if record.dbapi_connection is not None:
-                b.record_success(probe)
-            else:
+            probe = info.pop("resilient_db.probe", False)
+            if record.dbapi_connection is None:
                 b.release(probe)
-            info["resilient_db.probe"] = False
-        info["resilient_db.idle_since"] = r.clock()
+            elif probe or not b.quiet:
+                b.record_success(probe)
+        if r.ping_after_idle is not None:
+            info["resilient_db.idle_since"] = r.clock()
         self._rdb_base._do_return_conn(self, record)  # type: ignore[arg-type]
-
-
-def _would_wait(pool: Any) -> bool:
-    """True when a QueuePool has no idle connection and no overflow left."""
-    queue = getattr(pool, "_pool", None)
-    if queue is None:
-        return False
-    return bool(queue.qsize() == 0 and pool._overflow >= pool._max_overflow >= 0)
 
 
 def install(engine: Engine, r: Resilience) -> None:

@@ -95,6 +95,12 @@ class CircuitBreaker:
             collections.deque(maxlen=policy.window) if policy.failure_rate is not None else None
         )
         self._window_failures = 0
+        #: True while closed with nothing to count: a success changes nothing, so
+        #: the checkout hot path can skip reporting it.
+        self.quiet = self._window is None
+
+    def _requiet(self) -> None:
+        self.quiet = self.state is CLOSED and not self._consecutive and self._window is None
 
     # -- admission ---------------------------------------------------------------
 
@@ -138,7 +144,7 @@ class CircuitBreaker:
 
     def record_success(self, probe: bool = False) -> None:
         """Report a call that reached the database and got an answer."""
-        if not probe and self.state is CLOSED and not self._consecutive and self._window is None:
+        if not probe and self.quiet:
             return  # the happy path: nothing to change, no lock
         with self._lock:
             self.successes += 1
@@ -150,6 +156,7 @@ class CircuitBreaker:
                 self._half_open_successes += 1
                 if self._half_open_successes >= self.policy.success_threshold:
                     self._transition(CLOSED)
+            self._requiet()
         self._notify("success")
 
     def record_failure(self, diagnosis: str | None = None, probe: bool = False) -> None:
@@ -164,6 +171,7 @@ class CircuitBreaker:
                 self._probes = max(0, self._probes - 1)
             if self.state is HALF_OPEN or (self.state is CLOSED and self._should_trip()):
                 self._transition(OPEN)
+            self._requiet()
         self._notify("failure")
 
     def release(self, probe: bool) -> None:
@@ -214,6 +222,7 @@ class CircuitBreaker:
                 self._window.clear()
                 self._window_failures = 0
         self.state = new
+        self._requiet()
         for listener in self.listeners:
             fn = getattr(listener, "state_change", None)
             if fn is not None:

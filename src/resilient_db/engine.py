@@ -134,7 +134,8 @@ def _engine_kwargs(url: URL, policy: Policy, kwargs: dict[str, Any]) -> dict[str
         kw.setdefault("pool_size", p.size)
         kw.setdefault("max_overflow", p.max_overflow)
         kw.setdefault("pool_timeout", policy.timeouts.checkout)
-        if p.recycle is not None:
+        if p.recycle is not None and url.get_backend_name() != "sqlite":
+            # SQLite has no server to time idle connections out
             kw.setdefault("pool_recycle", p.recycle)
     return kw
 

@@ -1,0 +1,60 @@
+"""Shared helpers: interleaved timing rounds and result tables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+PG_URL = os.environ.get("RDB_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("RDB_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def reachable(host: str, port: int) -> bool:
+    """True when something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], *, rounds: int, calls: int, warmup: int = 200
+) -> dict[str, list[float]]:
+    """Per-call seconds for each variant, one sample per round, variants alternating.
+
+    The order of the variants is reversed every round so neither always runs
+    first (caches, CPU frequency).
+    """
+    names = list(variants)
+    for name in names:
+        fn = variants[name]
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else list(reversed(names))
+        for name in order:
+            fn = variants[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls)
+    return samples
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median of a non-empty sequence."""
+    return float(statistics.median(xs))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Happy-path overhead: ``SELECT 1`` through raw SQLAlchemy and through resilient_db.
+
+One call is what a request does: check a connection out, run ``SELECT 1``,
+return the connection. Both engines run in the same process in interleaved
+rounds; the report gives the median per-call latency of each and the ratio.
+
+    python -m benchmarks.overhead [--smoke] [--db sqlite,pg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+import resilient_db
+
+from ._util import PG_URL, interleaved, median, reachable, table
+
+TARGET = 1.05
+
+
+def _call(engine: sa.Engine, stmt: Any) -> object:
+    with engine.connect() as conn:
+        return conn.execute(stmt).scalar()
+
+
+def measure(url: str, *, rounds: int, calls: int) -> dict[str, Any]:
+    """Median per-call seconds of raw and resilient engines on ``url``, and the ratio."""
+    raw = sa.create_engine(url)
+    res = resilient_db.create_engine(url, name="bench", validate="off")
+    stmt = sa.text("SELECT 1")
+    try:
+        samples = interleaved(
+            {"raw": lambda: _call(raw, stmt), "resilient_db": lambda: _call(res, stmt)},
+            rounds=rounds,
+            calls=calls,
+        )
+    finally:
+        raw.dispose()
+        res.dispose()
+    raw_med, res_med = median(samples["raw"]), median(samples["resilient_db"])
+    return {
+        "raw_us": raw_med * 1e6,
+        "resilient_us": res_med * 1e6,
+        "ratio": res_med / raw_med,
+        "rounds": rounds,
+        "calls_per_round": calls,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print a table (or JSON)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="a short run for CI")
+    ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    args = ap.parse_args(argv)
+    rounds, calls = (5, 300) if args.smoke else (21, 2000)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for db in args.db.split(","):
+            if db == "sqlite":
+                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+            elif db == "pg":
+                if not reachable("127.0.0.1", 5432):
+                    print("overhead: PostgreSQL not reachable, skipped", file=sys.stderr)
+                    continue
+                url = PG_URL
+            else:
+                ap.error(f"unknown database {db!r}")
+            results[db] = measure(url, rounds=rounds, calls=calls)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        rows = [
+            (db, f"{r['raw_us']:.1f}", f"{r['resilient_us']:.1f}", f"{r['ratio']:.3f}",
+             "ok" if r["ratio"] <= TARGET else f"over {TARGET}")
+            for db, r in results.items()
+        ]
+        print("Happy-path overhead: SELECT 1 per call (checkout + execute + return), medians")
+        print(table(["db", "raw µs", "resilient_db µs", "ratio", f"target ≤ {TARGET}"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""create_engine / wrap: genuine SQLAlchemy engines, safe defaults, clear bad-input errors."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db
+from resilient_db.engine import driver_defaults, resilience_of
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "rdb_engine_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+
+
+def test_create_engine_returns_a_real_engine(sqlite_url: str) -> None:
+    """The object handed back is a sqlalchemy.Engine, not a proxy."""
+    engine = resilient_db.create_engine(sqlite_url, validate="off")
+    assert isinstance(engine, sa.Engine)
+    assert type(engine) is sa.Engine
+
+
+def test_core_and_orm_round_trips(any_url: str) -> None:
+    """Core and ORM round-trips work unchanged on SQLite, PostgreSQL and MariaDB."""
+    engine = resilient_db.create_engine(any_url, validate="off")
+    try:
+        Base.metadata.drop_all(engine)
+        Base.metadata.create_all(engine)
+        with Session(engine) as session, session.begin():
+            session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
+        with engine.begin() as conn:
+            names = conn.execute(sa.select(Item.name).order_by(Item.id)).scalars().all()
+        assert ["a", "b"] == names
+        assert "rdb_engine_items" in sa.inspect(engine).get_table_names()
+        engine.dispose()  # the resilient pool survives dispose()
+        with engine.connect() as conn:
+            assert 2 == conn.execute(sa.text("SELECT COUNT(*) FROM rdb_engine_items")).scalar()
+        assert type(engine.pool).__name__.startswith("Resilient")
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_wrap_returns_the_same_engine(sqlite_url: str) -> None:
+    """wrap() attaches resilience to the engine it is given and returns it."""
+    raw = sa.create_engine(sqlite_url)
+    assert raw is resilient_db.wrap(raw, name="orders")
+    assert "orders" == resilience_of(raw).name
+    with raw.connect() as conn:
+        assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
+
+
+def test_wrap_twice_is_an_error(sqlite_url: str) -> None:
+    """Wrapping an engine twice is refused with a ConfigurationError."""
+    raw = resilient_db.wrap(sa.create_engine(sqlite_url))
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.wrap(raw)
+    assert "engine" == info.value.field
+
+
+def test_policy_of_returns_the_policy(sqlite_url: str) -> None:
+    """policy_of() exposes the policy the engine runs with."""
+    policy = resilient_db.Policy(pool=resilient_db.PoolPolicy(size=3))
+    engine = resilient_db.create_engine(sqlite_url, policy=policy, validate="off")
+    assert policy == resilient_db.policy_of(engine)
+    assert 3 == engine.pool.size()  # type: ignore[attr-defined]
+    assert policy == resilient_db.policy_of(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+def test_postgres_defaults_applied(pg_url: str) -> None:
+    """psycopg gets a finite connect timeout, statement timeout and application_name."""
+    policy = resilient_db.Policy(timeouts=resilient_db.Timeouts(connect=3, statement=12))
+    engine = resilient_db.create_engine(pg_url, policy=policy, validate="off")
+    with engine.connect() as conn:
+        assert "12s" == conn.execute(sa.text("SHOW statement_timeout")).scalar()
+        assert "resilient-db" == conn.execute(sa.text("SHOW application_name")).scalar()
+    assert 3 == driver_defaults(engine.url, policy)["connect_timeout"]
+    assert engine.hide_parameters is True
+    assert 2.0 == engine.pool.timeout()  # type: ignore[attr-defined]
+
+
+def test_mysql_defaults_applied(mariadb_url: str) -> None:
+    """PyMySQL gets connect and read timeouts and pool_recycle below wait_timeout."""
+    engine = resilient_db.create_engine(mariadb_url, validate="off")
+    args = driver_defaults(engine.url, resilient_db.DEFAULT_POLICY)
+    assert (5, 35) == (args["connect_timeout"], args["read_timeout"])
+    assert 1800 == engine.pool._recycle  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
+
+
+def test_caller_kwargs_win(pg_url: str) -> None:
+    """Explicit SQLAlchemy arguments and connect_args override the defaults."""
+    engine = resilient_db.create_engine(
+        pg_url,
+        validate="off",
+        pool_size=2,
+        connect_args={"application_name": "billing"},
+    )
+    assert 2 == engine.pool.size()  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        assert "billing" == conn.execute(sa.text("SHOW application_name")).scalar()
+
+
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("not a url", "url"),
+        ("nosuchdialect://x/y", "url"),
+        (42, "url"),
+    ],
+)
+def test_bad_urls_raise_configuration_error(url: object, field: str) -> None:
+    """Malformed URLs and unknown dialects raise one typed error naming the field."""
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.create_engine(url, validate="off")  # type: ignore[arg-type]
+    assert field == info.value.field
+    assert isinstance(info.value, sa.exc.ArgumentError)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: resilient_db.Timeouts(connect=-1), "Timeouts.connect"),
+        (lambda: resilient_db.Timeouts(checkout=0), "Timeouts.checkout"),
+        (lambda: resilient_db.Timeouts(call="5"), "Timeouts.call"),
+        (lambda: resilient_db.PoolPolicy(size=0), "PoolPolicy.size"),
+        (lambda: resilient_db.PoolPolicy(max_overflow=-1), "PoolPolicy.max_overflow"),
+        (lambda: resilient_db.PoolPolicy(size=2.5), "PoolPolicy.size"),
+        (lambda: resilient_db.RetryPolicy(attempts=0), "RetryPolicy.attempts"),
+        (lambda: resilient_db.BreakerPolicy(failure_rate=1.5), "BreakerPolicy.failure_rate"),
+        (lambda: resilient_db.BreakerPolicy(reset_timeout=float("nan")), "BreakerPolicy.reset_timeout"),
+        (lambda: resilient_db.Policy(instances=0), "Policy.instances"),
+        (lambda: resilient_db.Policy(pool=3), "Policy.pool"),  # type: ignore[arg-type]
+        (lambda: resilient_db.Policy(validate="sometimes"), "Policy.validate"),  # type: ignore[arg-type]
+    ],
+)
+def test_nonsensical_policies_name_the_field(build: object, field: str) -> None:
+    """Negative or zero timeouts, pool_size < 1 and wrong types raise ConfigurationError."""
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        build()  # type: ignore[operator]
+    assert field == info.value.field
+    assert info.value.fix  # every error says what to do
+
+
+def test_policy_argument_type_checked(sqlite_url: str) -> None:
+    """Passing something that is not a Policy is a ConfigurationError."""
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.create_engine(sqlite_url, policy={"pool": 1}, validate="off")  # type: ignore[arg-type]
+    assert "policy" == info.value.field
+
+
+def test_unknown_sqlalchemy_kwarg_is_a_configuration_error(sqlite_url: str) -> None:
+    """A misspelt SQLAlchemy argument does not escape as a bare TypeError."""
+    with pytest.raises(resilient_db.ConfigurationError):
+        resilient_db.create_engine(sqlite_url, validate="off", pool_sizee=3)
+
+
+def test_from_env_reads_grouped_and_top_level_settings() -> None:
+    """Policy.from_env maps RESILIENT_DB_<GROUP>_<FIELD> and top-level names."""
+    env = {
+        "RESILIENT_DB_TIMEOUTS_CONNECT": "3",
+        "RESILIENT_DB_POOL_SIZE": "7",
+        "RESILIENT_DB_POOL_MAX_WAITERS": "none",
+        "RESILIENT_DB_BREAKER_ENABLED": "false",
+        "RESILIENT_DB_INSTANCES": "4",
+        "UNRELATED": "x",
+    }
+    policy = resilient_db.Policy.from_env(env)
+    assert 3.0 == policy.timeouts.connect
+    assert 7 == policy.pool.size
+    assert policy.pool.max_waiters is None
+    assert policy.breaker.enabled is False
+    assert 4 == policy.instances
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"RESILIENT_DB_POOL_SIZ": "3"}, "RESILIENT_DB_POOL_SIZ"),
+        ({"RESILIENT_DB_NOPE": "3"}, "RESILIENT_DB_NOPE"),
+        ({"RESILIENT_DB_POOL_SIZE": "many"}, "RESILIENT_DB_POOL_SIZE"),
+        ({"RESILIENT_DB_TIMEOUTS_CONNECT": "-2"}, "Timeouts.connect"),
+    ],
+)
+def test_from_env_rejects_unknown_and_bad_values(env: dict[str, str], field: str) -> None:
+    """Unknown keys and unparsable values in the environment name the variable."""
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        resilient_db.Policy.from_env(env)
+    assert field == info.value.field
+
+
+def test_errors_pickle_with_their_context() -> None:
+    """resilient_db exceptions survive pickling with their context."""
+    ctx = resilient_db.ErrorContext(engine="e", kind="circuit_open", diagnosis="open")
+    for exc in (
+        resilient_db.CircuitOpenError("open", ctx),
+        resilient_db.PoolExhaustedError("full", ctx),
+        resilient_db.AmbiguousCommitError("lost", ctx),
+    ):
+        clone = pickle.loads(pickle.dumps(exc))
+        assert (type(exc), str(exc), ctx) == (type(clone), str(clone), clone.context)
+    cfg = pickle.loads(pickle.dumps(resilient_db.ConfigurationError("f", "bad.", "fix it")))
+    assert ("f", "f: bad. Fix: fix it") == (cfg.field, str(cfg))
+
+
+def test_exception_tree_keeps_sqlalchemy_types() -> None:
+    """New exceptions are also the SQLAlchemy exceptions users already catch."""
+    assert issubclass(resilient_db.CircuitOpenError, sa.exc.OperationalError)
+    assert issubclass(resilient_db.AmbiguousCommitError, sa.exc.OperationalError)
+    assert issubclass(resilient_db.PoolExhaustedError, sa.exc.TimeoutError)
+    assert issubclass(resilient_db.ConfigurationError, sa.exc.ArgumentError)
+
+
+def test_refused_connect_carries_context_and_note() -> None:
+    """A refused connection keeps its SQLAlchemy type and gains context and a note."""
+    engine = resilient_db.create_engine(
+        "postgresql+psycopg://app@127.0.0.1:1/shop", name="shop", validate="off"
+    )
+    with pytest.raises(sa.exc.OperationalError) as info:
+        engine.connect()
+    ctx = resilient_db.error_context(info.value)
+    assert ctx is not None
+    assert ("shop", "127.0.0.1", 1, "shop", "app", "connect", "refused") == (
+        ctx.engine, ctx.host, ctx.port, ctx.database, ctx.user, ctx.phase, ctx.kind
+    )
+    assert 3 == ctx.attempt  # the default policy's attempts
+    assert ("refused",) * 3 == ctx.history
+    if sys.version_info >= (3, 11):
+        assert any("Nothing is accepting connections" in n for n in info.value.__notes__)
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_public_api_is_sorted_and_importable() -> None:
+    """__all__ is sorted (constants, classes, functions) and every name in it exists."""
+    assert sorted(resilient_db.__all__, key=_isort_key) == resilient_db.__all__
+    assert len(set(resilient_db.__all__)) == len(resilient_db.__all__)
+    for name in resilient_db.__all__:
+        assert hasattr(resilient_db, name), name
