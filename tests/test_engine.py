@@ -139,7 +139,10 @@ def test_bad_urls_raise_configuration_error(url: object, field: str) -> None:
         (lambda: resilient_db.PoolPolicy(size=2.5), "PoolPolicy.size"),
         (lambda: resilient_db.RetryPolicy(attempts=0), "RetryPolicy.attempts"),
         (lambda: resilient_db.BreakerPolicy(failure_rate=1.5), "BreakerPolicy.failure_rate"),
-        (lambda: resilient_db.BreakerPolicy(reset_timeout=float("nan")), "BreakerPolicy.reset_timeout"),
+        (
+            lambda: resilient_db.BreakerPolicy(reset_timeout=float("nan")),
+            "BreakerPolicy.reset_timeout",
+        ),
         (lambda: resilient_db.Policy(instances=0), "Policy.instances"),
         (lambda: resilient_db.Policy(pool=3), "Policy.pool"),  # type: ignore[arg-type]
         (lambda: resilient_db.Policy(validate="sometimes"), "Policy.validate"),  # type: ignore[arg-type]
@@ -232,7 +235,13 @@ def test_refused_connect_carries_context_and_note() -> None:
     ctx = resilient_db.error_context(info.value)
     assert ctx is not None
     assert ("shop", "127.0.0.1", 1, "shop", "app", "connect", "refused") == (
-        ctx.engine, ctx.host, ctx.port, ctx.database, ctx.user, ctx.phase, ctx.kind
+        ctx.engine,
+        ctx.host,
+        ctx.port,
+        ctx.database,
+        ctx.user,
+        ctx.phase,
+        ctx.kind,
     )
     assert 3 == ctx.attempt  # the default policy's attempts
     assert ("refused",) * 3 == ctx.history
