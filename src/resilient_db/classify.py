@@ -5,7 +5,7 @@ psycopg2, asyncpg, PyMySQL, aiomysql and sqlite3, including the bare socket
 errors asyncpg lets through. It decides on SQLSTATE or MySQL errno first, then
 on ``connection_invalidated`` and message text (libpq gives no SQLSTATE for
 connect-time failures), and only last on the exception class, which is not a
-usable signal on its own (see ``docs/classification.md``).
+usable signal on its own (see ``docs/errors.md``).
 """
 
 from __future__ import annotations
@@ -479,7 +479,19 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo.append(e.__cause__)
 
 
+_MYSQL_MODULES = ("pymysql", "aiomysql", "MySQLdb", "mysql.connector", "asyncmy")
+
+
+def _is_mysql(e: BaseException) -> bool:
+    return type(e).__module__.startswith(_MYSQL_MODULES)
+
+
 def _sqlstate(e: BaseException) -> str | None:
+    """A PostgreSQL SQLSTATE. MySQL errors carry one too (PyMySQL >= 1.2), but it is
+    coarse (1044, 1064 and 1142 all say 42000; 1213 says 40001) and means something
+    else in PostgreSQL's table, so for them the errno is the only signal."""
+    if _is_mysql(e):
+        return None
     for attr in ("sqlstate", "pgcode"):
         value = getattr(e, attr, None)
         if isinstance(value, str) and len(value) == 5:
@@ -488,8 +500,7 @@ def _sqlstate(e: BaseException) -> str | None:
 
 
 def _mysql_errno(e: BaseException) -> int | None:
-    mod = type(e).__module__
-    if not (mod.startswith("pymysql") or mod.startswith("aiomysql") or mod.startswith("MySQLdb")):
+    if not _is_mysql(e):
         return None
     if e.args and isinstance(e.args[0], int):
         return e.args[0]
@@ -501,8 +512,27 @@ def _message(exc: BaseException) -> str:
     for e in _chain(exc):
         if isinstance(e, sa_exc.StatementError):
             continue
-        parts.append(str(e))
+        try:
+            parts.append(str(e))
+        except Exception:  # a broken __str__ must not break classification
+            parts.append(type(e).__name__)
     return " | ".join(parts).lower()
+
+
+_DRIVER_MODULES = ("psycopg", "psycopg2", "asyncpg", "sqlite3", "aiosqlite", *_MYSQL_MODULES)
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """True when a driver, SQLAlchemy's DBAPI wrapper or the OS raised (part of) ``exc``.
+
+    Message text is only read for these: an application's own ``ValueError("... does
+    not exist")`` or ``KeyError("timed out")`` must stay UNKNOWN and never be retried.
+    """
+    return any(
+        isinstance(e, (sa_exc.DBAPIError, OSError))
+        or type(e).__module__.startswith(_DRIVER_MODULES)
+        for e in _chain(exc)
+    )
 
 
 def _kind_from_pg(code: str, text: str) -> Kind | None:
@@ -571,6 +601,12 @@ def _kind_from_type(exc: BaseException, phase: str | None) -> Kind | None:
             return Kind.CONNECT_TIMEOUT if phase == "connect" else Kind.READ_TIMEOUT
         if isinstance(e, OSError) and e.errno == _errno.ECONNREFUSED:
             return Kind.REFUSED
+        if type(e) is ConnectionError:
+            # asyncpg raises a bare ConnectionError("... rejected SSL upgrade") for a
+            # TLS mismatch: the message says more than the class
+            said = _kind_from_text(_message(e))
+            if said is not None:
+                return said
         if isinstance(e, (ConnectionError, sa_exc.DisconnectionError)):
             return Kind.DISCONNECT
         if isinstance(e, sa_exc.PendingRollbackError):
@@ -645,7 +681,7 @@ def classify(
             kind = _kind_from_mysql(num, text, phase)
         if kind is None:
             kind = _kind_from_type(exc, phase) if _is_python_level(exc) else None
-        if kind is None:
+        if kind is None and _is_database_error(exc):
             kind = _kind_from_text(text)
         if kind is None:
             kind = _kind_from_type(exc, phase)
@@ -657,8 +693,12 @@ def classify(
     retry, counts, template = _RULES[kind]
     if phase == "connect" and kind in _CONNECTION_LOSS:
         retry = RetryLevel.CONNECT
+    if kind is Kind.IDLE_TIMEOUT and code == "25P03":
+        retry = RetryLevel.TRANSACTION  # idle *in a transaction*: that transaction is lost
     if kind is Kind.DNS and ("temporary failure" in _message(exc) or "errno -3]" in _message(exc)):
         retry, counts = RetryLevel.CONNECT, True
+    if kind is Kind.LOCK_TIMEOUT and any(type(e).__module__ == "sqlite3" for e in _chain(exc)):
+        counts = True  # SQLite's lock covers the whole database: it is unavailable
     return Classification(
         kind=kind,
         retry=retry,
