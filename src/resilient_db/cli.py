@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", message)  # no passwords
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

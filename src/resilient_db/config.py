@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 ValidateMode = Literal["strict", "warn", "off"]
+AccessMode = Literal["read-write", "read-only"]
 
 
 def _check_number(
@@ -178,7 +179,9 @@ class Policy:
     ``instances`` is how many processes of the service share the database; the
     validator compares ``(pool.size + pool.max_overflow) * instances`` with the
     server's ``max_connections``. ``application_name`` is shown to DBAs
-    (``pg_stat_activity``, MariaDB connection attributes).
+    (``pg_stat_activity``, MariaDB connection attributes). ``access`` is what the
+    service expects of the database: validation reports a read-only server or a
+    user without write privileges when it is ``"read-write"``.
     """
 
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -188,6 +191,7 @@ class Policy:
     instances: int = 1
     application_name: str | None = "resilient-db"
     validate: ValidateMode = "warn"
+    access: AccessMode = "read-write"
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -209,6 +213,12 @@ class Policy:
                 "Policy.validate",
                 f"must be 'strict', 'warn' or 'off', got {self.validate!r}.",
                 "Pick one of the three.",
+            )
+        if self.access not in ("read-write", "read-only"):
+            raise ConfigurationError(
+                "Policy.access",
+                f"must be 'read-write' or 'read-only', got {self.access!r}.",
+                "Pick one of the two.",
             )
         if self.application_name is not None and not isinstance(self.application_name, str):
             raise ConfigurationError(
