@@ -1,4 +1,4 @@
-"""Tests for resilient_db.validate: validate(), Report/Finding and startup checks."""
+"""Tests for resilient_db.validation: validate(), Report/Finding and startup checks."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ from resilient_db import (
     validate,
 )
 from resilient_db.testing import FaultProxy
-from resilient_db.validate import CHECKS, SCHEMA_VERSION, _db_matches, _Facts, _parse_grants
+from resilient_db.validation import CHECKS, SCHEMA_VERSION
+from resilient_db.validation.context import _Facts
+from resilient_db.validation.server import _db_matches, _parse_grants
 from tests.conftest import SENTINEL
 from tests.servers import APP_PASSWORD, APP_USER, MariaServer, PgServer, free_port
 

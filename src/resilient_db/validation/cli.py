@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
-from .errors import ConfigurationError
-from .validate import _validate
+from ..config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
+from ..errors import ConfigurationError
+from .runner import _validate
 
 __all__ = ["add_arguments", "load_policy", "run"]
 

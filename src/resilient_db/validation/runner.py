@@ -1,0 +1,173 @@
+"""Running a validation: the plan, its deadline, and the startup check.
+
+The checks run in a worker thread, layer by layer; the caller waits at most
+the deadline and then abandons the worker (RDB209) if a driver ignores its
+timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any
+
+from sqlalchemy.engine import URL, Engine
+
+from ..config import DEFAULT_POLICY, Policy
+from ..errors import ConfigurationError
+from .connect import _check_connect
+from .context import _first_line, _Run
+from .local import _LOCAL_CHECKS, _check_sqlite_file, _check_url, _prepare_connect_args
+from .network import _check_dns, _check_tcp
+from .report import Report
+from .server import _SERVER_CHECKS
+
+__all__ = ["startup_check", "validate"]
+
+_LOG = logging.getLogger("resilient_db")
+
+
+def validate(
+    url_or_engine: str | URL | Engine | Any,
+    *,
+    policy: Policy | None = None,
+    deadline: float = 10.0,
+) -> Report:
+    """Check a database URL or engine layer by layer and explain what is wrong.
+
+    ``url_or_engine`` is a URL (string or :class:`sqlalchemy.engine.URL`), an
+    :class:`~sqlalchemy.engine.Engine` or an ``AsyncEngine``; an engine is
+    checked with its own connect arguments and pool size. ``policy`` defaults
+    to the engine's policy (or :data:`~resilient_db.DEFAULT_POLICY`). The whole
+    validation finishes within ``deadline`` seconds, even against a blackholed
+    host. Never raises for a bad configuration: read :attr:`Report.root_cause`.
+    """
+    return _validate(url_or_engine, policy=policy, deadline=deadline)
+
+
+def startup_check(engine: Engine, *, strict: bool) -> None:
+    """Validate ``engine`` at creation, bounded by its ``policy.retry.deadline``.
+
+    With ``strict`` an error raises :class:`ConfigurationError` whose message is
+    the whole report (root cause first, ``field`` the failing setting or
+    ``url``); otherwise errors and warnings are logged as one WARNING record on
+    the ``resilient_db`` logger, with the report in
+    ``extra={"resilient_db_report": report.to_dict()}``.
+    """
+    policy = _policy_for(engine, None)
+    report = _validate(engine, policy=policy, deadline=policy.retry.deadline)
+    root = report.root_cause
+    if strict and root is not None:
+        raise ConfigurationError(
+            root.field or "url",
+            f"[{root.code}] {root.message}",
+            f"{root.fix}\n\n{report.render(verbose=False)}",
+            report=report,
+        )
+    if report.errors or report.warnings:
+        _LOG.warning(
+            "resilient_db startup check: %s",
+            report.render(verbose=False),
+            extra={"resilient_db_report": report.to_dict()},
+        )
+    else:
+        _LOG.debug("resilient_db startup check passed: %s", report.summary())
+
+
+def _validate(
+    source: Any,
+    *,
+    policy: Policy | None,
+    deadline: float,
+    password_on_command_line: bool = False,
+) -> Report:
+    if (
+        isinstance(deadline, bool)
+        or not isinstance(deadline, (int, float))
+        or not math.isfinite(deadline)
+        or deadline <= 0
+    ):
+        raise ConfigurationError(
+            "deadline", f"must be a positive number of seconds, got {deadline!r}.", "Pass e.g. 10."
+        )
+    if not isinstance(source, (str, URL, Engine)) and not isinstance(
+        getattr(source, "sync_engine", None), Engine
+    ):
+        raise ConfigurationError(
+            "url_or_engine",
+            f"must be a URL string, sqlalchemy URL, Engine or AsyncEngine, got "
+            f"{type(source).__name__}.",
+            "Pass DATABASE_URL or an engine.",
+        )
+    run = _Run(
+        source,
+        policy=_policy_for(source, policy),
+        deadline=float(deadline),
+        password_on_command_line=password_on_command_line,
+    )
+    worker = threading.Thread(
+        target=_execute, args=(run,), name="resilient-db-validate", daemon=True
+    )
+    worker.start()
+    worker.join(max(0.0, run.deadline_at - run.clock()))
+    if worker.is_alive():
+        run.abandon()
+    return run.report()
+
+
+def _policy_for(source: Any, policy: Policy | None) -> Policy:
+    if policy is not None:
+        if not isinstance(policy, Policy):
+            raise ConfigurationError(
+                "policy",
+                f"must be a resilient_db.Policy, got {type(policy).__name__}.",
+                "Build one with resilient_db.Policy(...).",
+            )
+        return policy
+    if isinstance(source, (str, URL)):
+        return DEFAULT_POLICY
+    from ..engine import policy_of
+
+    try:
+        return policy_of(source)
+    except ConfigurationError:
+        return DEFAULT_POLICY
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _execute(run: _Run) -> None:
+    try:
+        _plan(run)
+    except Exception as exc:  # a bug in a check must not hide the others
+        run.add(
+            "RDB000",
+            "warning",
+            f"Validation stopped unexpectedly while {run.step}: {type(exc).__name__}: "
+            f"{_first_line(exc)}",
+            "Report this as a bug in resilient_db, with the output of `resilient-db check`.",
+        )
+
+
+def _plan(run: _Run) -> None:
+    run.step = "parsing the URL"
+    if not _check_url(run):
+        return
+    _prepare_connect_args(run)
+    for check in _LOCAL_CHECKS:
+        check(run)
+    if run.backend == "sqlite":
+        run.step = "checking the SQLite file"
+        _check_sqlite_file(run)
+    else:
+        run.step = f"resolving {run.target.host}"
+        _check_dns(run)
+        if run.backend == "postgresql":
+            run.step = f"opening a TCP connection to {run.target.where}"
+            _check_tcp(run)
+    run.step = f"connecting to {run.target.where}"
+    _check_connect(run)
+    for check in _SERVER_CHECKS:
+        check(run)
