@@ -1,0 +1,499 @@
+"""In-process fault injection: make the next N connects or executes fail.
+
+No server, proxy or monkeypatching needed, so it works for every dialect,
+SQLite included::
+
+    from resilient_db.testing import FaultInjector
+
+    inject = FaultInjector(engine)
+    inject.fail_connects(3, "refused")                  # the real driver error
+    inject.fail_executes(1, "deadlock", match="INSERT")  # only INSERT statements
+
+Everything goes through SQLAlchemy's own extension points, so an injected
+error travels the same path as a real one: classification, the
+:class:`~resilient_db.ErrorContext`, breaker accounting and retries.
+
+- **Connects.** On a resilient engine the injector registers a fault hook that
+  :meth:`Resilience.connect <resilient_db._hooks.Resilience.connect>` consults
+  before each attempt, so an injected connect error is retried, counted and
+  explained exactly like a refused TCP connection (``fail_connects(2)`` is
+  absorbed by the default three attempts). A ``do_connect`` listener that
+  raised would bypass that retry loop. On a plain SQLAlchemy engine the
+  injector uses a ``do_connect`` listener (inserted first).
+- **Executes.** A ``before_cursor_execute`` listener raises the error inside
+  SQLAlchemy's execute ``try`` block, so SQLAlchemy wraps it in its own
+  exception class and runs ``handle_error``. For connection-loss kinds a
+  second ``handle_error`` listener sets ``is_disconnect`` so the pool
+  discards the connection, as it would after a real disconnect.
+
+Errors are the real DBAPI classes of the engine's driver, built by
+:func:`driver_error` with the errno, SQLSTATE and message text the driver
+produces for that fault (``pymysql.err.OperationalError(2003, ...)``,
+``psycopg.errors.DeadlockDetected``, ``sqlite3.OperationalError("database is
+locked")``...). Commit-time faults (an ambiguous commit) cannot be injected in
+process: use :class:`~resilient_db.testing.FaultProxy`'s
+``drop_commit_reply()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeAlias
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = ["ErrorSpec", "FaultInjector", "driver_error", "error_kinds"]
+
+ErrorSpec: TypeAlias = "str | Callable[[], BaseException]"
+"""A fault kind for :func:`driver_error` (``"refused"``) or a zero-argument
+factory returning a fresh exception for each injected failure."""
+
+# kinds after which the connection is unusable: the pool must discard it
+_DISCONNECTS = frozenset(
+    {"disconnect", "admin_terminated", "server_shutdown", "idle_timeout", "read_timeout"}
+)
+
+_PG_CONNECT = 'connection to server at "{host}", port {port} failed: '
+# kind -> (SQLSTATE or None for libpq's code-less connect errors, message)
+_PG: dict[str, tuple[str | None, str]] = {
+    "refused": (
+        None,
+        _PG_CONNECT + "Connection refused\n\tIs the server running on that host and "
+        "accepting TCP/IP connections?",
+    ),
+    "connect_timeout": (None, "connection timeout expired"),
+    "authentication": (
+        None,
+        _PG_CONNECT + 'FATAL:  password authentication failed for user "{user}"',
+    ),
+    "too_many_connections": (None, _PG_CONNECT + "FATAL:  sorry, too many clients already"),
+    "server_shutdown": (None, _PG_CONNECT + "FATAL:  the database system is shutting down"),
+    "disconnect": (
+        None,
+        "consuming input failed: server closed the connection unexpectedly\n\tThis probably "
+        "means the server terminated abnormally\n\tbefore or while processing the request.",
+    ),
+    "admin_terminated": ("57P01", "terminating connection due to administrator command"),
+    "idle_timeout": ("57P05", "terminating connection due to idle-session timeout"),
+    "read_only": ("25006", "cannot execute INSERT in a read-only transaction"),
+    "serialization_failure": ("40001", "could not serialize access due to concurrent update"),
+    "deadlock": ("40P01", "deadlock detected"),
+    "lock_timeout": ("55P03", "canceling statement due to lock timeout"),
+    "statement_timeout": ("57014", "canceling statement due to statement timeout"),
+    "disk_full": ("53100", 'could not extend file "base/16384/16385": No space left on device'),
+}
+
+# kind -> (errno, message) as PyMySQL / aiomysql raise them (MariaDB server texts)
+_MYSQL: dict[str, tuple[int, str]] = {
+    "refused": (2003, "Can't connect to MySQL server on '{host}' ([Errno 111] Connection refused)"),
+    "connect_timeout": (2003, "Can't connect to MySQL server on '{host}' (timed out)"),
+    "authentication": (1045, "Access denied for user '{user}'@'{client}' (using password: YES)"),
+    "too_many_connections": (1040, "Too many connections"),
+    "server_shutdown": (1053, "Server shutdown in progress"),
+    "disconnect": (
+        2013,
+        "Lost connection to MySQL server during query ([Errno 104] Connection reset by peer)",
+    ),
+    "admin_terminated": (1927, "Connection was killed"),
+    "read_timeout": (2013, "Lost connection to MySQL server during query (timed out)"),
+    "read_only": (
+        1290,
+        "The MariaDB server is running with the --read-only option so it cannot execute "
+        "this statement",
+    ),
+    "deadlock": (1213, "Deadlock found when trying to get lock; try restarting transaction"),
+    "lock_timeout": (1205, "Lock wait timeout exceeded; try restarting transaction"),
+    "statement_timeout": (1969, "Query execution was interrupted (max_statement_time exceeded)"),
+    "disk_full": (1114, "The table 'resilient_db_injected' is full"),
+}
+
+# kind -> (result code, result name, message) as sqlite3 raises them
+_SQLITE: dict[str, tuple[int, str, str]] = {
+    "lock_timeout": (5, "SQLITE_BUSY", "database is locked"),
+    "read_only": (8, "SQLITE_READONLY", "attempt to write a readonly database"),
+    "disk_full": (13, "SQLITE_FULL", "database or disk is full"),
+    "configuration": (14, "SQLITE_CANTOPEN", "unable to open database file"),
+}
+
+# kind -> asyncpg exception class name (server errors asyncpg raises with a SQLSTATE)
+_ASYNCPG: dict[str, str] = {
+    "authentication": "InvalidPasswordError",
+    "too_many_connections": "TooManyConnectionsError",
+    "server_shutdown": "CannotConnectNowError",
+    "disconnect": "ConnectionDoesNotExistError",
+    "admin_terminated": "AdminShutdownError",
+    "idle_timeout": "IdleSessionTimeoutError",
+    "read_only": "ReadOnlySQLTransactionError",
+    "serialization_failure": "SerializationError",
+    "deadlock": "DeadlockDetectedError",
+    "lock_timeout": "LockNotAvailableError",
+    "statement_timeout": "QueryCanceledError",
+    "disk_full": "DiskFullError",
+}
+
+
+def _sync_engine(engine: Any) -> Engine:
+    e = getattr(engine, "sync_engine", engine)
+    e = getattr(e, "engine", e)
+    if not isinstance(e, Engine):
+        raise TypeError(f"expected a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}")
+    return e
+
+
+def error_kinds(engine: Any) -> tuple[str, ...]:
+    """The fault kinds :func:`driver_error` can build for ``engine``'s driver."""
+    e = _sync_engine(engine)
+    backend, driver = e.dialect.name, e.dialect.driver
+    if backend == "sqlite":
+        return tuple(sorted(_SQLITE))
+    if backend in ("mysql", "mariadb"):
+        return tuple(sorted(_MYSQL))
+    if backend == "postgresql" and driver == "asyncpg":
+        return tuple(sorted({*_ASYNCPG, "refused", "connect_timeout"}))
+    if backend == "postgresql":
+        return tuple(sorted(_PG))
+    return ()
+
+
+def driver_error(engine: Any, kind: str, *, message: str | None = None) -> BaseException:
+    """Build the exception ``engine``'s driver raises for the fault ``kind``.
+
+    ``kind`` is a :class:`~resilient_db.Kind` value such as ``"refused"``,
+    ``"disconnect"``, ``"deadlock"``, ``"lock_timeout"`` or ``"disk_full"``;
+    :func:`error_kinds` lists those available for a driver (SQLite has only
+    ``lock_timeout``, ``read_only``, ``disk_full`` and ``configuration``).
+    The result is an instance of the driver's real DBAPI class with the errno
+    or SQLSTATE the driver sets (asyncpg: SQLAlchemy's adapter error caused by
+    the asyncpg exception, or the bare socket error asyncpg lets through), so
+    :func:`resilient_db.classify` treats it as the real thing. ``message``
+    replaces the driver's message text.
+
+    Raises:
+        ValueError: the driver has no such fault.
+    """
+    e = _sync_engine(engine)
+    backend, driver = e.dialect.name, e.dialect.driver
+    url = e.url
+    fields = {
+        "host": url.host or "localhost",
+        "port": url.port or {"postgresql": 5432}.get(backend, 3306),
+        "user": url.username or "?",
+        "client": "127.0.0.1",
+    }
+    kinds = error_kinds(e)
+    if kind not in kinds:
+        raise ValueError(
+            f"{backend}+{driver} has no injectable fault {kind!r}; choose one of "
+            f"{', '.join(kinds) or '(none)'}"
+        )
+    dbapi = e.dialect.loaded_dbapi
+    if backend == "sqlite":
+        code, name, text = _SQLITE[kind]
+        exc: BaseException = dbapi.OperationalError(message or text)
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        exc.sqlite_errorname = name  # type: ignore[attr-defined]
+        return exc
+    if backend in ("mysql", "mariadb"):
+        num, text = _MYSQL[kind]
+        cls = dbapi.InternalError if num < 1000 else dbapi.OperationalError
+        exc = cls(num, message or text.format(**fields))
+        return exc
+    if driver == "asyncpg":
+        return _asyncpg_error(dbapi, kind, message, fields)
+    state, text = _PG[kind]
+    text = message or text.format(**fields)
+    if driver == "psycopg2":
+        return _psycopg2_error(state, text)
+    if state is None:
+        if kind == "connect_timeout":
+            import psycopg
+
+            return psycopg.errors.ConnectionTimeout(text)
+        prefix = "" if kind == "disconnect" else "connection failed: "
+        exc = dbapi.OperationalError(prefix + text)
+        return exc
+    import psycopg
+
+    exc = psycopg.errors.lookup(state)(text)
+    return exc
+
+
+def _psycopg2_error(state: str | None, text: str) -> BaseException:
+    import psycopg2
+    import psycopg2.errors
+
+    if state is None:
+        if text.startswith("connection timeout"):
+            text = "timeout expired"
+        error: BaseException = psycopg2.OperationalError(text + "\n")
+        return error
+    exc: BaseException = psycopg2.errors.lookup(state)(text)
+    # pgcode and pgerror are read-only and set by libpq; the pickle protocol sets them
+    exc.__setstate__({"pgcode": state, "pgerror": f"ERROR:  {text}\n"})
+    return exc
+
+
+def _asyncpg_error(
+    dbapi: Any, kind: str, message: str | None, fields: dict[str, Any]
+) -> BaseException:
+    if kind == "refused":
+        return ConnectionRefusedError(
+            111, message or f"Connect call failed ('{fields['host']}', {fields['port']})"
+        )
+    if kind == "connect_timeout":
+        return TimeoutError(message or "")
+    import asyncpg.exceptions
+
+    cls = getattr(asyncpg.exceptions, _ASYNCPG[kind])
+    texts = {"disconnect": "connection was closed in the middle of operation"}
+    state = cls.sqlstate
+    text = (
+        message
+        or texts.get(kind)
+        or next((t for s, t in _PG.values() if s == state), kind.replace("_", " "))
+    )
+    orig = cls(text)
+    # what SQLAlchemy's asyncpg adapter raises: its own DBAPI class, caused by asyncpg's
+    mapping = dbapi._asyncpg_error_translate
+    for base in type(orig).__mro__:
+        if base in mapping:
+            exc: BaseException = mapping[base](f"{type(orig)}: {text}", orig)
+            exc.__cause__ = orig
+            return exc
+    fallback: BaseException = orig  # pragma: no cover - every asyncpg error maps
+    return fallback  # pragma: no cover
+
+
+@dataclass
+class _Rule:
+    """One armed fault: the next ``remaining`` matching calls fail."""
+
+    remaining: int | None
+    factory: Callable[[], BaseException]
+    disconnect: bool
+    match: re.Pattern[str] | None
+    delay: float
+
+
+class FaultInjector:
+    """Make the next N connects or statement executions of one engine fail.
+
+    Works on :class:`sqlalchemy.engine.Engine` and ``AsyncEngine`` (resilient
+    or plain). Rules queue up in the order they were armed; each injected
+    failure consumes one from the first rule that matches. Create the injector
+    after :func:`resilient_db.wrap` so connect faults take the resilient path.
+    Use it as a context manager, or call :meth:`close`, to remove its
+    listeners.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = _sync_engine(engine)
+        self._is_async = bool(getattr(self.engine.dialect, "is_async", False))
+        self._lock = threading.Lock()
+        self._connect_rules: list[_Rule] = []
+        self._execute_rules: list[_Rule] = []
+        self._disconnects: dict[int, BaseException] = {}
+        self.connects_failed = 0
+        """Connect attempts failed by the injector so far."""
+        self.executes_failed = 0
+        """Statement executions failed by the injector so far."""
+        self._resilience: Any = None
+        self._closed = False
+        try:
+            from ..engine import resilience_of
+
+            self._resilience = resilience_of(self.engine)
+        except Exception:
+            self._resilience = None
+        if self._resilience is not None:
+            self._resilience.connect_faults.append(self._connect_fault)
+        else:
+            event.listen(self.engine, "do_connect", self._do_connect, insert=True)
+        event.listen(self.engine, "before_cursor_execute", self._before_execute)
+        event.listen(self.engine, "handle_error", self._handle_error)
+
+    # -- arming ------------------------------------------------------------------
+
+    def fail_connects(
+        self, n: int | None = 1, error: ErrorSpec = "refused", *, delay: float = 0.0
+    ) -> None:
+        """Make the next ``n`` connect attempts raise ``error`` (``None``: until cleared).
+
+        ``error`` is a kind for :func:`driver_error` or a factory returning a
+        fresh exception. ``delay`` seconds pass before each failure, as for a
+        connect timeout.
+        """
+        rule = self._rule(n, error, None, delay)
+        with self._lock:
+            self._connect_rules.append(rule)
+
+    def fail_executes(
+        self,
+        n: int | None = 1,
+        error: ErrorSpec = "disconnect",
+        *,
+        match: str | re.Pattern[str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """Make the next ``n`` statement executions raise ``error`` (``None``: until cleared).
+
+        ``match`` restricts the fault to statements containing that text
+        (case-insensitive) or matching that compiled regular expression.
+        ``delay`` seconds pass before each failure (a hung server). The
+        connection is discarded afterwards for connection-loss kinds
+        (``disconnect``, ``admin_terminated``, ...), as after the real fault.
+        """
+        if isinstance(match, str):
+            pattern: re.Pattern[str] | None = re.compile(re.escape(match), re.IGNORECASE)
+        else:
+            pattern = match
+        rule = self._rule(n, error, pattern, delay)
+        with self._lock:
+            self._execute_rules.append(rule)
+
+    def clear(self) -> None:
+        """Disarm every pending fault; counters are kept."""
+        with self._lock:
+            self._connect_rules.clear()
+            self._execute_rules.clear()
+
+    @property
+    def pending(self) -> bool:
+        """True while some armed fault has not fired yet."""
+        with self._lock:
+            return bool(self._connect_rules or self._execute_rules)
+
+    def close(self) -> None:
+        """Disarm everything and remove the injector's listeners and hook."""
+        if self._closed:
+            return
+        self._closed = True
+        self.clear()
+        if self._resilience is not None:
+            faults = self._resilience.connect_faults
+            if self._connect_fault in faults:
+                faults.remove(self._connect_fault)
+        else:
+            event.remove(self.engine, "do_connect", self._do_connect)
+        event.remove(self.engine, "before_cursor_execute", self._before_execute)
+        event.remove(self.engine, "handle_error", self._handle_error)
+
+    def __enter__(self) -> FaultInjector:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<FaultInjector {self.engine.dialect.name} connects_failed={self.connects_failed} "
+            f"executes_failed={self.executes_failed} pending={self.pending}>"
+        )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _rule(
+        self, n: int | None, error: ErrorSpec, match: re.Pattern[str] | None, delay: float
+    ) -> _Rule:
+        if self._closed:
+            raise RuntimeError("this FaultInjector was closed")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be a positive int or None, got {n!r}")
+        if not isinstance(delay, (int, float)) or delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
+        if isinstance(error, str):
+            kind = error
+            driver_error(self.engine, kind)  # fail now, not at the first connect
+            engine = self.engine
+
+            def factory() -> BaseException:
+                return driver_error(engine, kind)
+
+            disconnect = kind in _DISCONNECTS
+        elif callable(error):
+            factory, disconnect = error, False
+        else:
+            raise TypeError("error must be a fault kind (str) or a callable returning one")
+        return _Rule(n, factory, disconnect, match, float(delay))
+
+    def _take(self, rules: list[_Rule], statement: str | None) -> _Rule | None:
+        with self._lock:
+            for i, rule in enumerate(rules):
+                if rule.match is not None and (
+                    statement is None or not rule.match.search(statement)
+                ):
+                    continue
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                    if rule.remaining <= 0:
+                        del rules[i]
+                return rule
+        return None
+
+    def _wait(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self._is_async:
+            from sqlalchemy.util import await_only
+
+            await_only(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)
+
+    def _connect_fault(self) -> None:
+        """Called by Resilience.connect before each attempt; raises when armed."""
+        if not self._connect_rules:
+            return
+        rule = self._take(self._connect_rules, None)
+        if rule is None:
+            return
+        self._wait(rule.delay)
+        exc = rule.factory()
+        with self._lock:
+            self.connects_failed += 1
+        raise exc
+
+    def _do_connect(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
+        self._connect_fault()
+
+    def _before_execute(
+        self,
+        conn: Any,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if not self._execute_rules:
+            return
+        rule = self._take(self._execute_rules, statement)
+        if rule is None:
+            return
+        self._wait(rule.delay)
+        exc = rule.factory()
+        with self._lock:
+            self.executes_failed += 1
+            if rule.disconnect:
+                self._disconnects[id(exc)] = exc
+        raise exc
+
+    def _handle_error(self, ctx: Any) -> None:
+        if not self._disconnects:
+            return
+        with self._lock:
+            exc = self._disconnects.pop(id(ctx.original_exception), None)
+        if exc is not None and exc is ctx.original_exception:
+            ctx.is_disconnect = True

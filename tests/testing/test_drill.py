@@ -1,0 +1,221 @@
+"""``resilient-db drill``: a game day through the fault proxy, against real servers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from tests.conftest import PG_URL, SENTINEL, require
+
+from resilient_db.cli import main
+from resilient_db.testing.drill import format_table
+
+
+def _run(argv: list[str]) -> tuple[int, str, str, float]:
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue(), time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def pg_drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One short default-scenario drill against PostgreSQL (password: the SENTINEL)."""
+    url = sa.make_url(PG_URL)
+    require(url.host or "127.0.0.1", url.port or 5432, "PostgreSQL")
+    secret = url.set(password=SENTINEL).render_as_string(hide_password=False)
+    png = tmp_path_factory.mktemp("drill") / "drill.png"
+    code, out, err, seconds = _run(
+        ["drill", secret, "--phase-seconds", "1.5", "--json", "--plot", str(png)]
+    )
+    yield {
+        "code": code,
+        "report": json.loads(out),
+        "stdout": out,
+        "stderr": err,
+        "png": png,
+        "seconds": seconds,
+    }
+
+
+def test_default_scenario_detects_and_recovers(pg_drill: dict[str, Any]) -> None:
+    """Every fault of the default scenario is survived; network faults open the breaker."""
+    report = pg_drill["report"]
+    assert (0, True) == (pg_drill["code"], report["recovered"])
+    names = [p["name"] for p in report["phases"]]
+    assert [
+        "baseline",
+        "refuse",
+        "after refuse",
+        "blackhole",
+        "after blackhole",
+        "reset",
+        "after reset",
+        "latency",
+        "after latency",
+    ] == names
+    by = {p["name"]: p for p in report["phases"]}
+    assert (0, 0) == (by["baseline"]["failed"], by["baseline"]["rejected"])
+    assert by["baseline"]["ok"] > 10
+    for fault in ("refuse", "blackhole", "reset"):
+        phase = by[fault]
+        assert phase["detect_s"] is not None and phase["detect_s"] < 3.0, phase
+        assert phase["rejected"] > 0 and phase["ok"] == 0, phase
+        assert phase["recover_s"] is not None and phase["recover_s"] < 5.0, phase
+        assert by[f"after {fault}"]["ok"] > 0
+    # silence: calls end at the 1 s call deadline (or the 2 s connect timeout), never hang
+    assert 900 < by["blackhole"]["max_ms"] < 3000
+    # 100 ms per packet each way: slower, never failing, breaker closed
+    assert (0, None) == (by["latency"]["failed"], by["latency"]["detect_s"])
+    assert by["latency"]["p50_ms"] > 5 * by["baseline"]["p50_ms"]
+    assert pg_drill["seconds"] < 30
+
+
+def test_json_report_schema(pg_drill: dict[str, Any]) -> None:
+    """The --json document has the documented keys and types."""
+    report = pg_drill["report"]
+    assert {
+        "version",
+        "target",
+        "scratch_table",
+        "threads",
+        "phase_seconds",
+        "latency_s",
+        "policy",
+        "duration_s",
+        "recovered",
+        "proxy_errors",
+        "phases",
+        "breaker",
+        "breaker_open",
+        "series_interval_s",
+        "series",
+    } == set(report)
+    assert {
+        "dialect": "postgresql",
+        "driver": "psycopg",
+        "host": "127.0.0.1",
+        "port": 5432,
+        "database": "test",
+        "user": "postgres",
+    } == report["target"]
+    phase_keys = {
+        "name",
+        "fault",
+        "start_s",
+        "end_s",
+        "requests",
+        "ok",
+        "failed",
+        "rejected",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "errors",
+        "detect_s",
+        "recover_s",
+    }
+    for phase in report["phases"]:
+        assert phase_keys == set(phase)
+        assert phase["requests"] == phase["ok"] + phase["failed"] + phase["rejected"]
+    assert {"t", "ok", "failed", "rejected", "timeout", "p50_ms", "p99_ms"} == set(
+        report["series"][0]
+    )
+    assert {"t_s", "state"} == set(report["breaker"][0])
+    assert report["scratch_table"].startswith("resilient_db_drill_")
+    assert [] == report["proxy_errors"]
+
+
+def test_scratch_table_dropped_and_password_hidden(pg_drill: dict[str, Any]) -> None:
+    """The drill leaves no table behind and never prints the password."""
+    engine = sa.create_engine(PG_URL)
+    with engine.connect() as conn:
+        left = conn.execute(
+            sa.text("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'resilient_db_drill_%'")
+        ).scalar()
+    engine.dispose()
+    assert 0 == left
+    assert f"dropped scratch table {pg_drill['report']['scratch_table']}" in pg_drill["stderr"]
+    assert SENTINEL not in pg_drill["stdout"] + pg_drill["stderr"]
+
+
+def test_plot_is_a_png(pg_drill: dict[str, Any]) -> None:
+    """--plot writes a real PNG image of a sensible size."""
+    data = Path(pg_drill["png"]).read_bytes()
+    assert b"\x89PNG\r\n\x1a\n" == data[:8]
+    assert len(data) > 20_000
+
+
+def test_text_table(pg_drill: dict[str, Any]) -> None:
+    """The text report has one row per phase under the column headers."""
+    lines = format_table(pg_drill["report"]).splitlines()
+    assert lines[2].split() == [
+        "phase",
+        "secs",
+        "ok",
+        "failed",
+        "rejected",
+        "p50",
+        "ms",
+        "p99",
+        "ms",
+        "max",
+        "ms",
+        "detect",
+        "recover",
+        "errors",
+    ]
+    assert lines[4].startswith("baseline")
+    assert any(line.startswith("blackhole") and "read_timeout" in line for line in lines)
+
+
+def test_mariadb_refuse(mariadb_url: str) -> None:
+    """The drill works against MariaDB too (one fault, text output)."""
+    code, out, err, seconds = _run(
+        ["drill", mariadb_url, "--phase-seconds", "1", "--scenario", "refuse", "--quiet"]
+    )
+    assert (0, "") == (code, err)
+    row = next(line for line in out.splitlines() if line.startswith("refuse")).split()
+    ok, failed, rejected, detect = int(row[2]), int(row[3]), int(row[4]), row[8]
+    assert (0, True, True, True) == (ok, failed > 0, rejected > 0, detect.endswith("s"))
+    assert set(row[10::2]) <= {"refused", "disconnect", "ambiguous_commit"}
+    assert seconds < 15
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite:///app.db", "has no network connection to break"),
+        ("postgresql+psycopg://app@/shop?host=/var/run/postgresql", "would bypass the proxy"),
+        ("mysql+pymysql://app@db/shop?unix_socket=/tmp/mysql.sock", "would bypass the proxy"),
+    ],
+)
+def test_refuses_urls_it_cannot_sit_in_front_of(url: str, message: str) -> None:
+    """Only the host:port in the URL is ever contacted: anything else is refused."""
+    code, out, err, _ = _run(["drill", url])
+    assert (2, "") == (code, out)
+    assert message in err
+
+
+def test_bad_options() -> None:
+    """Unknown faults and non-positive durations are usage errors."""
+    code, _, err, _ = _run(["drill", PG_URL, "--scenario", "refuse,meteor"])
+    assert (2, True) == (code, "unknown fault meteor" in err)
+    code, _, err, _ = _run(["drill", PG_URL, "--phase-seconds", "0"])
+    assert 2 == code
+
+
+def test_unreachable_server_is_explained() -> None:
+    """A target that is down ends the drill at once with the diagnosis, exit status 1."""
+    code, out, err, seconds = _run(["drill", "postgresql+psycopg://app@127.0.0.1:1/x", "--quiet"])
+    assert (1, "") == (code, out)
+    assert "could not set up the drill: [refused] Nothing is accepting connections" in err
+    assert seconds < 10
