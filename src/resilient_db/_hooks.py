@@ -15,8 +15,10 @@ Three places, all SQLAlchemy's own extension points:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -44,8 +46,20 @@ __all__ = ["Resilience", "install"]
 
 _EXIT = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
+# kinds after which the connection cannot be used again
+_LOST = frozenset(
+    {
+        Kind.DISCONNECT,
+        Kind.READ_TIMEOUT,
+        Kind.ADMIN_TERMINATED,
+        Kind.SERVER_SHUTDOWN,
+        Kind.IDLE_TIMEOUT,
+        Kind.AMBIGUOUS_COMMIT,
+    }
+)
+
 # Drivers without a client-side read timeout: guarded by the watchdog.
-_WATCHED_DRIVERS = {"psycopg", "psycopg2", "psycopg_async"}
+_WATCHED_DRIVERS = {"psycopg", "psycopg2", "psycopg_async", "aiomysql"}
 
 
 class Resilience:
@@ -72,18 +86,25 @@ class Resilience:
         self.last_error: ErrorContext | None = None
         self.connect_attempts = 0
         self.connect_failures = 0
+        # called before each connect attempt; resilient_db.testing.FaultInjector raises here
+        self.connect_faults: list[Callable[[], None]] = []
         self.pool_timeouts = 0
         self.watch = policy.timeouts.call is not None and engine.dialect.driver in _WATCHED_DRIVERS
         self.slow_call = policy.breaker.slow_call if self.breaker is not None else None
         # copied out of the policy for the checkout hot path
         # the bulkhead needs QueuePool's counters; other pools never make callers wait
-        self.max_waiters = (
-            policy.pool.max_waiters if isinstance(engine.pool, QueuePool) else None
-        )
+        self.max_waiters = policy.pool.max_waiters if isinstance(engine.pool, QueuePool) else None
         # an embedded SQLite connection cannot go stale while idle
         self.ping_after_idle = (
             None if engine.dialect.name == "sqlite" else policy.pool.ping_after_idle
         )
+        self._open_verdict: Classification | None = None
+        self.dialect = engine.dialect
+        # resilient_db.telemetry.EngineTelemetry (set by telemetry.attach); `timing` is
+        # the same object, set only while per-call timings are on (the hot path checks it)
+        self.telemetry: Any = None
+        self.timing: Any = None
+        self._pymysql = engine.dialect.driver == "pymysql"
 
     # -- context and errors ------------------------------------------------------
 
@@ -97,6 +118,7 @@ class Resilience:
         history: tuple[str, ...] = (),
         retry_in: float | None = None,
         diagnosis: str | None = None,
+        extra: tuple[tuple[str, Any], ...] = (),
     ) -> ErrorContext:
         """Build the error context for a classified failure of this engine."""
         t = self.target
@@ -118,14 +140,19 @@ class Resilience:
             diagnosis=diagnosis if diagnosis is not None else c.diagnosis,
             history=history,
             retry_in=retry_in,
+            extra=extra,
         )
         if c.kind is not Kind.CIRCUIT_OPEN:
             self.last_error = ctx
+        if self.telemetry is not None:
+            self.telemetry.on_error(c, ctx)
         return ctx
 
     def circuit_open(self, rej: Rejected) -> CircuitOpenError:
         """The error for a call rejected by the open breaker."""
-        c = classify(CircuitOpenError("open"), target=self.target)
+        c = self._open_verdict
+        if c is None:  # the same for every rejection: classify once
+            c = self._open_verdict = classify(CircuitOpenError("open"), target=self.target)
         last = self.breaker.last_failure if self.breaker is not None else None
         retry_in = rej.retry_in
         when = "when an operator closes it" if retry_in is None else f"in {retry_in:.2f}s"
@@ -147,60 +174,95 @@ class Resilience:
         overflow = max(0, getattr(pool, "_max_overflow", 0))
         c = classify(sa_exc.TimeoutError(cause), target=self.target)
         diagnosis = (
-            f"pool exhausted: {in_use} in use (pool_size {size} + max_overflow {overflow}), "
-            f"{waiting} waiting ({cause}) - a leak or a slow database, not a network problem."
+            f"pool exhausted: {in_use} in use, {waiting} waiting \u2014 a leak or a slow "
+            f"database, not a network problem (pool_size {size} + max_overflow {overflow}, "
+            f"max_waiters {self.max_waiters}: {cause})."
         )
-        ctx = self.context(
-            c,
-            phase="checkout",
-            diagnosis=diagnosis,
+        stats = (
+            ("pool_size", size),
+            ("max_overflow", overflow),
+            ("in_use", in_use),
+            ("waiting", waiting),
+            ("max_waiters", self.max_waiters),
+            ("checkout_timeout", self.policy.timeouts.checkout),
         )
+        ctx = self.context(c, phase="checkout", diagnosis=diagnosis, extra=stats)
         return PoolExhaustedError(f"{diagnosis} [engine '{self.name}']", ctx)
 
     # -- connect -----------------------------------------------------------------
 
     def connect(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
         """Open a DBAPI connection, retrying what is safe to retry."""
-        policy = self.policy.retry
         start = self.clock()
+        self.connect_attempts += 1
+        try:
+            for fault in self.connect_faults:
+                fault()
+            return self._connect_once(dialect, cargs, cparams)
+        except _EXIT:
+            raise
+        except BaseException as e:
+            error = e
+        # outside the except block, so a later attempt's error is not chained to this one
+        return self._connect_retrying(dialect, cargs, cparams, error, start)
+
+    def _connect_once(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
+        handshake = cparams.get("connect_timeout") if self._pymysql else None
+        read = cparams.get("read_timeout")
+        if not handshake or (read is not None and read <= handshake):
+            return dialect.connect(*cargs, **cparams)
+        # PyMySQL reads the server greeting with read_timeout, not connect_timeout:
+        # bound the handshake by the connect timeout, then restore the call deadline
+        conn = dialect.connect(*cargs, **{**cparams, "read_timeout": handshake})
+        conn._read_timeout = read
+        return conn
+
+    def _connect_retrying(
+        self, dialect: Any, cargs: Any, cparams: Any, error: BaseException, start: float
+    ) -> Any:
+        """The retry loop, entered only after a first attempt failed."""
+        policy = self.policy.retry
         history: list[str] = []
-        attempt = 0
+        attempt = 1
         while True:
-            attempt += 1
-            self.connect_attempts += 1
-            try:
-                conn = dialect.connect(*cargs, **cparams)
-            except _EXIT:
-                raise
-            except BaseException as e:
-                self.connect_failures += 1
-                c = classify(e, phase="connect", target=self.target)
-                history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
-                b = self.breaker
-                if b is not None and c.counts_for_breaker:
-                    b.record_failure(c.diagnosis)
-                elapsed = self.clock() - start
-                pause = _backoff.backoff(policy, attempt)
-                if (
-                    c.retry is RetryLevel.CONNECT
-                    and attempt < policy.attempts
-                    and elapsed + pause < policy.deadline
-                    and (b is None or b.state is CLOSED)
-                ):
-                    self._sleep(pause)
-                    continue
-                ctx = self.context(
-                    c, phase="connect", attempt=attempt, elapsed=elapsed, history=tuple(history)
-                )
-                attach(e, ctx)
-                if isinstance(e, dialect.loaded_dbapi.Error) or not isinstance(e, Exception):
+            self.connect_failures += 1
+            c = classify(error, phase="connect", target=self.target)
+            history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
+            b = self.breaker
+            if b is not None and c.counts_for_breaker:
+                b.record_failure(c.diagnosis)
+            elapsed = self.clock() - start
+            pause = _backoff.backoff(policy, attempt)
+            if (
+                c.retry is RetryLevel.CONNECT
+                and attempt < policy.attempts
+                and elapsed + pause < policy.deadline
+                and (b is None or b.state is CLOSED)
+            ):
+                if self.telemetry is not None:
+                    self.telemetry.connect_retry(c, attempt, pause)
+                self._sleep(pause)
+                attempt += 1
+                self.connect_attempts += 1
+                try:
+                    for fault in self.connect_faults:
+                        fault()
+                    return self._connect_once(dialect, cargs, cparams)
+                except _EXIT:
                     raise
-                # bare socket errors (asyncpg) become the SQLAlchemy error users catch
-                wrapped = sa_exc.OperationalError(None, None, e, hide_parameters=True)
-                attach(wrapped, ctx)
-                raise wrapped from e
-            else:
-                return conn
+                except BaseException as e:
+                    error = e
+                continue
+            ctx = self.context(
+                c, phase="connect", attempt=attempt, elapsed=elapsed, history=tuple(history)
+            )
+            attach(error, ctx)
+            if isinstance(error, dialect.loaded_dbapi.Error) or not isinstance(error, Exception):
+                raise error
+            # bare socket errors (asyncpg) become the SQLAlchemy error users catch
+            wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
+            attach(wrapped, ctx)
+            raise wrapped from error
 
     def _sleep(self, seconds: float) -> None:
         if self.is_async:
@@ -234,8 +296,19 @@ class Resilience:
                 if phase == "commit":
                     c = classify(TimeoutError("x"), phase="commit", target=self.target)
         b = self.breaker
-        if b is not None and c.counts_for_breaker:
-            b.record_failure(c.diagnosis)
+        if b is not None:
+            if c.counts_for_breaker:
+                b.record_failure(c.diagnosis)
+            if conn is not None:
+                # returning this checkout is then no success: a counted failure, or
+                # an application error, which must not reset the failure count either
+                with contextlib.suppress(Exception):
+                    conn.info["resilient_db.failed"] = True
+        if c.kind in _LOST and not ctx.is_disconnect:
+            ctx.is_disconnect = True  # never return a broken connection to the pool
+        if c.kind is Kind.READ_TIMEOUT:
+            # one call outlived its deadline: discard that connection, not the pool
+            ctx.invalidate_pool_on_disconnect = False
         ectx = self.context(c, phase=phase)
         if c.kind is Kind.AMBIGUOUS_COMMIT:
             return AmbiguousCommitError(
@@ -266,6 +339,7 @@ class Resilience:
         if self.slow_call is not None and self.breaker is not None:
             t0 = conn.info.get("resilient_db.t0")
             if t0 is not None and self.clock() - t0 > self.slow_call:
+                conn.info["resilient_db.failed"] = True
                 self.breaker.record_failure(
                     f"A call to {self.target.where} took longer than the slow-call threshold "
                     f"({self.slow_call}s): the database is overloaded or the network is slow."
@@ -274,14 +348,74 @@ class Resilience:
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         """Pool ``connect`` listener: a watchdog slot per DBAPI connection."""
         if self.watch:
-            ref = dbapi_connection
+            try:
+                ref: Callable[[], Any] = weakref.ref(dbapi_connection)
+            except TypeError:  # not weak-referenceable: keep it alive with its record
+
+                def ref() -> Any:
+                    return dbapi_connection
 
             def fd() -> int | None:
-                return socket_fileno(ref)
+                conn = ref()
+                # async adapters (psycopg async, aiomysql) wrap the driver connection
+                if conn is None:
+                    return None
+                return socket_fileno(getattr(conn, "driver_connection", conn))
 
             record.info["resilient_db.slot"] = WATCHDOG.slot(fd)
 
+    def on_connect_mariadb(self, dbapi_connection: Any, record: Any) -> None:
+        """Pool ``connect`` listener: MariaDB's server-side statement timeout."""
+        statement = self.policy.timeouts.statement
+        if statement is None or not getattr(self.dialect, "is_mariadb", False):
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SET SESSION max_statement_time = {float(statement):g}")
+        finally:
+            cursor.close()
+
     # -- checkout hygiene ----------------------------------------------------------
+
+    def vet(self, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
+        """The rare checkout path: a half-open probe, a caller that waited, an idle connection.
+
+        A caller that waited while the breaker opened is rejected like any other;
+        an idle connection (and any pooled connection handed to a probe) is pinged
+        within the call deadline and, if dead, replaced (or the checkout rejected
+        when that failure opened the breaker); a probe connects here, because
+        SQLAlchemy clears ``rec.info`` when it reconnects a record and the probe
+        token must survive until check-in.
+        """
+        b = self.breaker
+        try:
+            if waited and not probe and b is not None and b.state is not CLOSED:
+                probe = b.before_call()
+            idle = self.ping_after_idle
+            since = rec.info.get("resilient_db.idle_since")
+            stale = idle is not None and since is not None and self.clock() - since > idle
+            # a probe's verdict must come from the database, not from an idle pooled socket
+            if (stale or probe) and rec.dbapi_connection is not None and not self.ping(pool, rec):
+                rec.invalidate()
+                if self.telemetry is not None:
+                    self.telemetry.validation_failed("idle_ping")
+                if b is not None and b.state is not CLOSED:
+                    b.release(probe)
+                    probe = 0
+                    probe = b.before_call()
+            if probe:
+                rec.get_connection()
+                rec.info["resilient_db.probe"] = probe
+        except Rejected as rej:
+            rec.info["resilient_db.failed"] = True  # handed back unused: no verdict
+            rec.checkin(_fairy_was_created=False)
+            raise self.circuit_open(rej) from None
+        except BaseException as e:
+            if b is not None:
+                b.release(probe)
+            rec._checkin_failed(e, _fairy_was_created=False)
+            raise
+        return rec
 
     def ping(self, pool: Pool, record: Any) -> bool:
         """Ping an idle pooled connection within the call deadline; False if it is dead."""
@@ -294,7 +428,11 @@ class Resilience:
             pool._dialect.do_ping(dbapi)  # type: ignore[union-attr]
         except _EXIT:
             raise
-        except BaseException:
+        except BaseException as e:
+            fired = slot is not None and slot.fired
+            c = classify(TimeoutError() if fired else e, phase="execute", target=self.target)
+            if self.breaker is not None and c.counts_for_breaker:
+                self.breaker.record_failure(c.diagnosis)
             return False
         finally:
             if slot is not None:
@@ -305,8 +443,10 @@ class Resilience:
 
 def _slot_of(conn: Any) -> Slot | None:
     try:
-        info = conn.info
+        info = conn.info  # Connection / pooled connection: the record's info dict
     except Exception:
+        return None
+    if not isinstance(info, dict):  # a bare DBAPI connection (psycopg has .info too)
         return None
     slot = info.get("resilient_db.slot")
     return slot if isinstance(slot, Slot) else None
@@ -346,8 +486,10 @@ class _ResilientPool:
     def _do_get(self) -> Any:
         # Hot path: every checkout. Keep attribute look-ups and calls few.
         r = self._rdb
+        timing = r.timing
+        t0 = time.perf_counter() if timing is not None else 0.0
         b = r.breaker
-        probe = False
+        probe = 0
         if b is not None and b.state is not CLOSED:
             try:
                 probe = b.before_call()
@@ -383,34 +525,57 @@ class _ResilientPool:
             if counted:
                 with r._wait_lock:
                     r.waiting -= 1
-        info = rec.info
-        if probe:
-            info["resilient_db.probe"] = True
-        idle = r.ping_after_idle
-        if idle is not None:
-            since = info.get("resilient_db.idle_since")
-            if (
-                since is not None
-                and r.clock() - since > idle
-                and rec.dbapi_connection is not None
-                and not r.ping(self, rec)  # type: ignore[arg-type]
-            ):
-                rec.invalidate()
+        if probe or counted:
+            rec = r.vet(self, rec, probe, counted)  # type: ignore[arg-type]
+        elif r.ping_after_idle is not None:
+            since = rec.info.get("resilient_db.idle_since")
+            if since is not None and r.clock() - since > r.ping_after_idle:
+                rec = r.vet(self, rec, 0, False)  # type: ignore[arg-type]
+        if timing is not None:
+            timing.checked_out(rec, t0)
         return rec
 
     def _do_return_conn(self, record: Any) -> None:
         r = self._rdb
+        if r.timing is not None:
+            r.timing.checked_in(record)
         b = r.breaker
         info = record.info
         if b is not None:
             probe = info.pop("resilient_db.probe", False)
-            if record.dbapi_connection is None:
+            if record.dbapi_connection is None or info.pop("resilient_db.failed", False):
                 b.release(probe)
             elif probe or not b.quiet:
                 b.record_success(probe)
         if r.ping_after_idle is not None:
             info["resilient_db.idle_since"] = r.clock()
         self._rdb_base._do_return_conn(self, record)  # type: ignore[arg-type]
+
+
+def _guard_commit_rollback(dialect: Any, r: Resilience) -> None:
+    """Put COMMIT and ROLLBACK under the per-call deadline too.
+
+    They are not cursor executes, so ``before_cursor_execute`` never arms the
+    watchdog for them, and psycopg would block for ever on a COMMIT sent into a
+    silent network. Wraps this engine's own dialect instance only.
+    """
+    call = r.policy.timeouts.call
+    assert call is not None
+    for name in ("do_commit", "do_rollback"):
+        original = getattr(dialect, name)
+
+        def guarded(dbapi_connection: Any, _original: Any = original) -> None:
+            slot = _slot_of(dbapi_connection)
+            if slot is None:
+                _original(dbapi_connection)
+                return
+            slot.deadline = time.monotonic() + call
+            try:
+                _original(dbapi_connection)
+            finally:
+                slot.deadline = 0.0
+
+        setattr(dialect, name, guarded)
 
 
 def install(engine: Engine, r: Resilience) -> None:
@@ -431,10 +596,21 @@ def install(engine: Engine, r: Resilience) -> None:
     )
     pool.__class__ = cls
 
-    event.listen(engine, "do_connect", lambda d, rec, ca, cp: r.connect(d, ca, cp))
+    def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
+        tel = r.telemetry  # a span and timing around the whole connect sequence
+        return r.connect(d, ca, cp) if tel is None else tel.connect(r.connect, d, ca, cp)
+
+    event.listen(engine, "do_connect", do_connect)
     event.listen(engine, "handle_error", r.handle_error)
+    from .telemetry import attach  # metrics, spans and logs (no-ops until an SDK is set)
+
+    attach(engine, r)
     if r.watch:
         event.listen(engine, "connect", r.on_connect)
+        _guard_commit_rollback(engine.dialect, r)
+    if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:
+        # after SQLAlchemy's first-connect listener, which sets dialect.is_mariadb
+        event.listen(engine, "connect", r.on_connect_mariadb)
     if r.watch or r.slow_call is not None:
         event.listen(engine, "before_cursor_execute", r.before_execute)
         event.listen(engine, "after_cursor_execute", r.after_execute)

@@ -32,7 +32,7 @@ class Slot:
 
 
 def socket_fileno(dbapi_connection: object) -> int | None:
-    """The socket's file descriptor for psycopg 3 / psycopg2 / PyMySQL connections."""
+    """The socket's file descriptor for psycopg 3 / psycopg2 / PyMySQL / aiomysql connections."""
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is not None:
         try:
@@ -46,6 +46,9 @@ def socket_fileno(dbapi_connection: object) -> int | None:
         except Exception:
             return None
     sock = getattr(dbapi_connection, "_sock", None)
+    if sock is None:  # aiomysql: an asyncio stream
+        writer = getattr(dbapi_connection, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
     if sock is not None:
         try:
             return int(sock.fileno())
@@ -86,9 +89,11 @@ class Watchdog:
         for s in slots:
             d = s.deadline
             if d and now >= d and not s.fired:
+                fd = s.fd_getter()
+                if s.deadline != d:  # the call ended (or a new one began) meanwhile
+                    continue
                 s.fired = True
                 s.deadline = 0.0
-                fd = s.fd_getter()
                 if fd is not None and fd >= 0:
                     _shutdown(fd)
                 fired += 1
@@ -98,7 +103,10 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             time.sleep(self.tick)
-            self.scan()
+            try:
+                self.scan()
+            except Exception:  # pragma: no cover - never let the guard thread die
+                continue
 
 
 def _shutdown(fd: int) -> None:

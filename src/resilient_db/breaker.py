@@ -5,8 +5,10 @@ The states and the listener protocol are pybreaker's (``closed``, ``open``,
 ``success`` methods, so a ``pybreaker.CircuitBreakerListener`` works as is).
 Unlike ``pybreaker.CircuitBreaker.call``, nothing here wraps the guarded call:
 the engine asks :meth:`CircuitBreaker.before_call` for admission, runs the
-database call with no lock held, then reports the outcome. Time comes from a
-monotonic clock that tests replace; cancellation is never reported as failure.
+database call with no lock held, then reports the outcome. Listeners are
+called after the lock is released, so one may read :meth:`snapshot`. Time
+comes from a monotonic clock that tests replace; cancellation is never
+reported as failure.
 """
 
 from __future__ import annotations
@@ -65,7 +67,20 @@ class BreakerSnapshot:
 
 
 class CircuitBreaker:
-    """Per-engine breaker; see :class:`~resilient_db.BreakerPolicy` for the rules."""
+    """Per-engine breaker; see :class:`~resilient_db.BreakerPolicy` for the rules.
+
+    Closed, it counts failures: ``failure_threshold`` consecutive ones, or a
+    ``failure_rate`` over the last ``window`` calls, open it. Open, every call
+    is rejected until ``reset_timeout`` has passed; then it is half-open and
+    admits ``half_open_max_calls`` probes at a time. A failed probe opens it
+    again, and the next probe is admitted ``reset_timeout`` after the failed
+    one was (a probe that hung for its connect timeout does not push recovery
+    further back); ``success_threshold`` successful probes close it.
+
+    A probe is identified by the token :meth:`before_call` returns, so the
+    outcome of a probe from an earlier half-open period never frees a slot of
+    the current one.
+    """
 
     def __init__(
         self,
@@ -84,8 +99,11 @@ class CircuitBreaker:
         self._consecutive = 0
         self._half_open_successes = 0
         self._probes = 0
+        self._epoch = 0  # numbers the half-open periods; a probe's token
         self._opened_at = 0.0
+        self._last_probe_at: float | None = None
         self._forced = False
+        self._events: list[tuple[str, str]] = []
         self.failures = 0
         self.successes = 0
         self.rejected = 0
@@ -104,15 +122,27 @@ class CircuitBreaker:
 
     # -- admission ---------------------------------------------------------------
 
-    def before_call(self) -> bool:
-        """Admit a call. Returns True when the call is a half-open probe.
+    def before_call(self) -> int:
+        """Admit a call. Returns 0, or a probe token (> 0) for a half-open probe.
 
         Raises :class:`Rejected` when the breaker is open (or half-open with all
         probe slots taken). The caller must report the outcome of a probe with
-        :meth:`record_success`, :meth:`record_failure` or :meth:`release`.
+        :meth:`record_success`, :meth:`record_failure` or :meth:`release`,
+        passing the token back.
         """
-        if self.state is CLOSED:
-            return False
+        state = self.state
+        if state is CLOSED:
+            return 0
+        if state is OPEN:
+            # the common case while open: reject without taking the lock, so
+            # callers rejected at once never queue behind each other
+            if self._forced:
+                self.rejected += 1
+                raise Rejected(OPEN, None)
+            left = self._opened_at + self.policy.reset_timeout - self.clock()
+            if left > 0:
+                self.rejected += 1
+                raise Rejected(OPEN, left)
         with self._lock:
             if (
                 self.state is OPEN
@@ -122,27 +152,36 @@ class CircuitBreaker:
                 self._transition(HALF_OPEN)
             if self.state is HALF_OPEN and self._probes < self.policy.half_open_max_calls:
                 self._probes += 1
-                return True
-            if self.state is CLOSED:
-                return False
-            self.rejected += 1
-            raise Rejected(self.state, self._retry_in_locked())
+                self._last_probe_at = self.clock()
+                token = self._epoch
+            elif self.state is CLOSED:
+                token = 0
+            else:
+                self.rejected += 1
+                raise Rejected(self.state, self._retry_in_locked())
+            events = self._take_events()
+        self._emit(events)
+        return token
 
     def retry_in(self) -> float | None:
-        """Seconds until the next probe is admitted, or None when closed."""
+        """Seconds until the next probe is admitted, or None when closed (or forced open)."""
         with self._lock:
             return self._retry_in_locked()
 
     def _retry_in_locked(self) -> float | None:
-        if self.state is CLOSED:
+        if self.state is CLOSED or self._forced:
             return None
-        if self.state is HALF_OPEN or self._forced:
-            return 0.0 if not self._forced else None
+        if self.state is HALF_OPEN:
+            return 0.0
         return max(0.0, self._opened_at + self.policy.reset_timeout - self.clock())
+
+    def _is_current(self, probe: int | bool) -> bool:
+        # True (a bare flag from an older caller) means "a probe of this period"
+        return bool(probe) and (probe is True or probe == self._epoch)
 
     # -- outcomes ----------------------------------------------------------------
 
-    def record_success(self, probe: bool = False) -> None:
+    def record_success(self, probe: int | bool = 0) -> None:
         """Report a call that reached the database and got an answer."""
         if not probe and self.quiet:
             return  # the happy path: nothing to change, no lock
@@ -150,16 +189,18 @@ class CircuitBreaker:
             self.successes += 1
             self._consecutive = 0
             self._push(True)
-            if probe:
+            if self._is_current(probe):
                 self._probes = max(0, self._probes - 1)
-            if self.state is HALF_OPEN and probe:
-                self._half_open_successes += 1
-                if self._half_open_successes >= self.policy.success_threshold:
-                    self._transition(CLOSED)
+                if self.state is HALF_OPEN:
+                    self._half_open_successes += 1
+                    if self._half_open_successes >= self.policy.success_threshold:
+                        self._transition(CLOSED)
             self._requiet()
+            events = self._take_events()
+        self._emit(events)
         self._notify("success")
 
-    def record_failure(self, diagnosis: str | None = None, probe: bool = False) -> None:
+    def record_failure(self, diagnosis: str | None = None, probe: int | bool = 0) -> None:
         """Report a counted failure (a fault of the database or the path to it)."""
         with self._lock:
             self.failures += 1
@@ -167,18 +208,21 @@ class CircuitBreaker:
             if diagnosis:
                 self.last_failure = diagnosis
             self._push(False)
-            if probe:
+            if self._is_current(probe):
                 self._probes = max(0, self._probes - 1)
             if self.state is HALF_OPEN or (self.state is CLOSED and self._should_trip()):
                 self._transition(OPEN)
             self._requiet()
+            events = self._take_events()
+        self._emit(events)
         self._notify("failure")
 
-    def release(self, probe: bool) -> None:
+    def release(self, probe: int | bool) -> None:
         """A call ended without a verdict (cancelled, or an application error)."""
         if probe:
             with self._lock:
-                self._probes = max(0, self._probes - 1)
+                if self._is_current(probe):
+                    self._probes = max(0, self._probes - 1)
 
     def _push(self, ok: bool) -> None:
         w = self._window
@@ -202,32 +246,52 @@ class CircuitBreaker:
     # -- transitions -------------------------------------------------------------
 
     def _transition(self, new: str) -> None:
+        """Change state (lock held); listeners are told once the lock is released."""
         old = self.state
+        now = self.clock()
         if old == new:
             if new is OPEN:
-                self._opened_at = self.clock()
+                self._opened_at = now
             return
         self.transitions += 1
         if new is OPEN:
-            self._opened_at = self.clock()
+            # a failed probe: the next one is due reset_timeout after it was admitted
+            last = self._last_probe_at
+            self._opened_at = last if old is HALF_OPEN and last is not None else now
             self._half_open_successes = 0
         elif new is HALF_OPEN:
+            self._epoch += 1
             self._half_open_successes = 0
             self._probes = 0
+            self._last_probe_at = None
         else:
             self._consecutive = 0
             self._probes = 0
             self._forced = False
-            if self._window is not None:
-                self._window.clear()
-                self._window_failures = 0
+            self._last_probe_at = None
+            self._clear_window()
         self.state = new
         self._requiet()
-        for listener in self.listeners:
-            fn = getattr(listener, "state_change", None)
-            if fn is not None:
-                with contextlib.suppress(Exception):
-                    fn(self, old, new)
+        self._events.append((old, new))
+
+    def _clear_window(self) -> None:
+        if self._window is not None:
+            self._window.clear()
+            self._window_failures = 0
+
+    def _take_events(self) -> list[tuple[str, str]]:
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def _emit(self, events: list[tuple[str, str]]) -> None:
+        for old, new in events:
+            for listener in self.listeners:
+                fn = getattr(listener, "state_change", None)
+                if fn is not None:
+                    with contextlib.suppress(Exception):
+                        fn(self, old, new)
 
     def _notify(self, what: str) -> None:
         for listener in self.listeners:
@@ -241,22 +305,36 @@ class CircuitBreaker:
     def force_open(self) -> None:
         """Open the breaker and keep it open until :meth:`force_close` or :meth:`reset`."""
         with self._lock:
+            self._last_probe_at = None
             self._transition(OPEN)
             self._forced = True
+            events = self._take_events()
+        self._emit(events)
 
     def force_close(self) -> None:
-        """Close the breaker now."""
+        """Close the breaker now (the failure count starts again from zero)."""
         with self._lock:
             self._forced = False
             self._transition(CLOSED)
+            self._consecutive = 0
+            self._clear_window()
+            self._requiet()
+            events = self._take_events()
+        self._emit(events)
 
     def reset(self) -> None:
         """Close the breaker and clear its counters."""
         with self._lock:
             self._forced = False
             self._transition(CLOSED)
+            self._consecutive = 0
+            self._probes = 0
+            self._clear_window()
             self.failures = self.successes = self.rejected = 0
             self.last_failure = None
+            self._requiet()
+            events = self._take_events()
+        self._emit(events)
 
     def snapshot(self) -> BreakerSnapshot:
         """A consistent copy of the breaker's state and counters."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy
@@ -95,7 +97,7 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
         if driver == "pymysql" and t.call is not None:
             args["read_timeout"] = max(1, round(t.call))
             args["write_timeout"] = max(1, round(t.call))
-        if policy.application_name and driver == "pymysql":
+        if policy.application_name and driver in ("pymysql", "aiomysql"):
             args["program_name"] = policy.application_name
     elif backend == "sqlite" and t.statement is not None:
         args["timeout"] = min(t.statement, 5.0)
@@ -158,6 +160,7 @@ def create_engine(
     name: str | None = None,
     policy: Policy | None = None,
     validate: ValidateMode | None = None,
+    clock: Callable[[], float] | None = None,
     **kwargs: Any,
 ) -> Engine:
     """Create a genuine :class:`sqlalchemy.engine.Engine` with resilience attached.
@@ -165,7 +168,9 @@ def create_engine(
     ``kwargs`` go to :func:`sqlalchemy.create_engine` and win over the
     policy's defaults. ``validate`` (default: the policy's, ``"warn"``) runs
     the startup checks: ``"strict"`` raises :class:`ConfigurationError` with
-    the whole report, ``"warn"`` logs it, ``"off"`` skips them.
+    the whole report, ``"warn"`` logs it, ``"off"`` skips them. ``clock``
+    (default :func:`time.monotonic`) is for tests: the breaker, retry deadline
+    and idle timing read it.
     """
     policy = _check_policy(policy)
     u = _parse_url(url)
@@ -178,7 +183,7 @@ def create_engine(
         ) from None
     except sa_exc.ArgumentError as e:
         raise ConfigurationError("create_engine", str(e), "Fix the argument.") from None
-    engine = wrap(engine, name=name, policy=policy)
+    engine = wrap(engine, name=name, policy=policy, clock=clock)
     _startup_validate(engine, policy, validate)
     return engine
 
@@ -191,16 +196,23 @@ def _startup_validate(engine: Engine, policy: Policy, validate: ValidateMode | N
         )
     if mode == "off":
         return
-    from .validate import startup_check
+    from .validation import startup_check
 
     startup_check(engine, strict=mode == "strict")
 
 
-def wrap(engine: Engine, *, name: str | None = None, policy: Policy | None = None) -> Engine:
+def wrap(
+    engine: Engine,
+    *,
+    name: str | None = None,
+    policy: Policy | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Engine:
     """Attach resilience to an existing engine and return the same object.
 
     The pool and driver settings the engine was created with are kept; use
-    :func:`create_engine` to also get resilient_db's safe defaults.
+    :func:`create_engine` to also get resilient_db's safe defaults. ``clock``
+    replaces :func:`time.monotonic` for the breaker and retry timing (tests).
     """
     if not isinstance(engine, Engine):
         raise ConfigurationError(
@@ -216,7 +228,7 @@ def wrap(engine: Engine, *, name: str | None = None, policy: Policy | None = Non
     if name is not None and not isinstance(name, str):
         raise ConfigurationError("name", "must be a string.", "Pass a short engine name.")
     label = name or _default_name(engine.url)
-    r = Resilience(engine, label, policy)
+    r = Resilience(engine, label, policy, clock=clock or time.monotonic)
     install(engine, r)
     _REGISTRY[engine] = r
     return engine

@@ -1,0 +1,686 @@
+"""Breaker, connect retries, bulkhead and per-call deadline on real PostgreSQL and MariaDB.
+
+Network faults go through :class:`resilient_db.testing.FaultProxy`; time in the
+breaker comes from an injected clock, so no test waits for a reset timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import resilient_db
+from resilient_db import (
+    BreakerPolicy,
+    CircuitOpenError,
+    ErrorContext,
+    Policy,
+    PoolExhaustedError,
+    PoolPolicy,
+    RetryPolicy,
+    Timeouts,
+    _backoff,
+    breaker_of,
+    error_context,
+)
+from resilient_db._hooks import Resilience
+from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
+from resilient_db.engine import resilience_of
+from resilient_db.testing.proxy import FaultProxy
+from tests.servers import APP_PASSWORD, APP_USER, ServerUnavailable, skip_or_fail, start_postgres
+
+
+def ctx_of(exc: BaseException) -> ErrorContext:
+    """The error context resilient_db attached to ``exc`` (which must have one)."""
+    ctx = error_context(exc)
+    assert ctx is not None
+    return ctx
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def policy(
+    *,
+    threshold: int = 2,
+    attempts: int = 1,
+    call: float = 1.0,
+    reset_timeout: float = 5.0,
+    half_open: int = 1,
+    pool: PoolPolicy | None = None,
+    statement: float | None = 30.0,
+    slow_call: float | None = None,
+) -> Policy:
+    """A test policy: small thresholds, no idle ping unless a test asks for one."""
+    return Policy(
+        timeouts=Timeouts(connect=2.0, checkout=1.0, statement=statement, call=call),
+        pool=pool or PoolPolicy(ping_after_idle=None),
+        retry=RetryPolicy(attempts=attempts, deadline=5.0),
+        breaker=BreakerPolicy(
+            failure_threshold=threshold,
+            reset_timeout=reset_timeout,
+            half_open_max_calls=half_open,
+            slow_call=slow_call,
+        ),
+        validate="off",
+    )
+
+
+@pytest.fixture
+def proxy(server_url: str) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the PostgreSQL or MariaDB test server."""
+    u = sa.make_url(server_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as p:
+        yield p
+
+
+def via(url: str, p: FaultProxy) -> str:
+    """``url`` rewritten to connect through the proxy."""
+    return sa.make_url(url).set(host=p.host, port=p.port).render_as_string(hide_password=False)
+
+
+def is_pg(url: str) -> bool:
+    """True for the PostgreSQL URL."""
+    return url.startswith("postgresql")
+
+
+def deadline(url: str) -> float:
+    """The per-call deadline used against ``url`` (PyMySQL's read_timeout has 1 s steps)."""
+    return 0.5 if is_pg(url) else 1.0
+
+
+def select_one(engine: sa.Engine) -> Any:
+    """One round trip on a pooled connection."""
+    with engine.connect() as c:
+        return c.execute(sa.text("SELECT 1")).scalar()
+
+
+def warm(engine: sa.Engine, n: int) -> None:
+    """Open ``n`` pooled connections and check them back in."""
+    conns = [engine.connect() for _ in range(n)]
+    for c in conns:
+        c.execute(sa.text("SELECT 1"))
+    for c in conns:
+        c.close()
+
+
+# -- the breaker trips on each kind of outage ------------------------------------------
+
+
+def test_trips_on_refused_and_rejects_without_io(server_url: str, proxy: FaultProxy) -> None:
+    """Refused connects open it after `threshold`; then connect() fails at once, no I/O."""
+    clock = FakeClock()
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(), clock=clock)
+    r, b = resilience_of(engine), breaker_of(engine)
+    proxy.refuse()
+    with pytest.raises(sa.exc.OperationalError) as first:
+        engine.connect()
+    assert ("refused", CLOSED) == (ctx_of(first.value).kind, b.state)
+    with pytest.raises(sa.exc.OperationalError):
+        engine.connect()
+    assert OPEN == b.state
+    clock.advance(1.5)
+    attempts = r.connect_attempts
+    for _ in range(50):
+        with pytest.raises(CircuitOpenError) as rejected:
+            engine.connect()
+    assert (attempts, 50) == (r.connect_attempts, b.rejected)
+    err = rejected.value
+    ctx = ctx_of(err)
+    assert isinstance(err, sa.exc.OperationalError)
+    assert ("circuit_open", "checkout", 3.5) == (ctx.kind, ctx.phase, ctx.retry_in)
+    assert "Nothing is accepting connections" in ctx.diagnosis  # the last real failure
+    engine.dispose()
+
+
+def test_trips_on_blackhole_within_call_deadline(server_url: str, proxy: FaultProxy) -> None:
+    """Queries on pooled connections into a silent network fail within Timeouts.call and count."""
+    call = deadline(server_url)
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(call=call))
+    warm(engine, 2)
+    proxy.blackhole()
+    kinds, took = [], []
+    for _ in range(2):
+        t0 = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError) as e:
+            select_one(engine)
+        took.append(time.monotonic() - t0)
+        kinds.append(ctx_of(e.value).kind)
+    assert ["read_timeout", "read_timeout"] == kinds
+    assert max(took) < call + 0.5
+    assert OPEN == breaker_of(engine).state
+    total = proxy.connections_total
+    with pytest.raises(CircuitOpenError):
+        engine.connect()
+    assert total == proxy.connections_total
+    engine.dispose()
+
+
+def test_broken_connection_is_discarded_after_deadline(server_url: str, proxy: FaultProxy) -> None:
+    """A call that hit the deadline discards its connection: the next one is a new connection."""
+    call = deadline(server_url)
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(call=call))
+    warm(engine, 1)
+    proxy.blackhole()
+    with pytest.raises(sa.exc.OperationalError) as e:
+        select_one(engine)
+    assert e.value.connection_invalidated
+    proxy.passthrough()
+    before = proxy.connections_total
+    assert 1 == select_one(engine)
+    assert before + 1 == proxy.connections_total
+    engine.dispose()
+
+
+def test_idle_ping_into_silence_fails_within_deadline(server_url: str, proxy: FaultProxy) -> None:
+    """The idle ping of a pooled connection respects the call deadline; its failure counts."""
+    call = deadline(server_url)
+    pool = PoolPolicy(ping_after_idle=0.0)
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=1, call=call, pool=pool)
+    )
+    warm(engine, 1)
+    proxy.blackhole()
+    t0 = time.monotonic()
+    with pytest.raises(CircuitOpenError) as e:
+        engine.connect()
+    assert time.monotonic() - t0 < call + 0.5
+    assert "no reply within the per-call deadline" in ctx_of(e.value).diagnosis
+    queue: Any = engine.pool
+    assert (0, 1) == (queue.checkedout(), breaker_of(engine).failures)
+    engine.dispose()
+
+
+def test_trips_on_connection_resets(server_url: str, proxy: FaultProxy) -> None:
+    """Connections reset under running sessions are counted; `threshold` of them open it."""
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy())
+    kinds = []
+    for _ in range(2):
+        with engine.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+            proxy.reset_all()
+            with pytest.raises(sa.exc.OperationalError) as e:
+                c.execute(sa.text("SELECT 1"))
+            kinds.append(ctx_of(e.value).kind)
+    assert ["disconnect", "disconnect"] == kinds
+    assert OPEN == breaker_of(engine).state
+    total = proxy.connections_total
+    for _ in range(20):
+        with pytest.raises(CircuitOpenError):
+            engine.connect()
+    assert total == proxy.connections_total
+    engine.dispose()
+
+
+def test_trips_on_too_many_connections() -> None:
+    """PostgreSQL refusing for max_connections opens the breaker after `threshold` connects."""
+    try:
+        server = start_postgres(max_connections="6")
+    except ServerUnavailable as exc:
+        skip_or_fail(exc)
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        url = server.url(user=APP_USER, password=APP_PASSWORD, database="app")
+        engine = resilient_db.create_engine(url, policy=policy())
+        with pytest.raises(psycopg.OperationalError):  # 6 minus 3 reserved for superusers
+            for _ in range(6):
+                held.append(
+                    psycopg.connect(
+                        host=server.host,
+                        port=server.port,
+                        user=APP_USER,
+                        password=APP_PASSWORD,
+                        dbname="app",
+                    )
+                )
+        kinds = []
+        for _ in range(2):
+            with pytest.raises(sa.exc.OperationalError) as e:
+                engine.connect()
+            kinds.append(ctx_of(e.value).kind)
+        assert ["too_many_connections"] * 2 == kinds
+        b = breaker_of(engine)
+        assert OPEN == b.state
+        with pytest.raises(CircuitOpenError) as rejected:
+            engine.connect()
+        assert "connection limit is reached" in ctx_of(rejected.value).diagnosis
+        engine.dispose()
+    finally:
+        for c in held:
+            c.close()
+        server.destroy()
+
+
+# -- half-open probes and recovery -----------------------------------------------------
+
+
+def test_half_open_lets_exactly_the_configured_probes_through(
+    server_url: str, proxy: FaultProxy
+) -> None:
+    """Half-open admits half_open_max_calls new connections; the next caller is rejected."""
+    clock = FakeClock()
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(half_open=2), clock=clock
+    )
+    b = breaker_of(engine)
+    proxy.refuse()
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    assert OPEN == b.state
+    proxy.passthrough()
+    clock.advance(5.0)
+    before = proxy.connections_total
+    first, second = engine.connect(), engine.connect()
+    with pytest.raises(CircuitOpenError) as rejected:
+        engine.connect()
+    assert (HALF_OPEN, 2) == (b.state, proxy.connections_total - before)
+    assert 0.0 == ctx_of(rejected.value).retry_in
+    assert 1 == first.execute(sa.text("SELECT 1")).scalar()
+    first.close()
+    assert CLOSED == b.state
+    second.close()
+    assert 1 == select_one(engine)
+    engine.dispose()
+
+
+def test_probe_that_reconnects_a_pooled_record_closes(server_url: str, proxy: FaultProxy) -> None:
+    """A probe handed a pooled record whose connection was discarded still closes the breaker."""
+    clock = FakeClock()
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=1), clock=clock
+    )
+    b = breaker_of(engine)
+    with engine.connect() as c:
+        c.execute(sa.text("SELECT 1"))
+        proxy.reset_all()
+        with pytest.raises(sa.exc.OperationalError):
+            c.execute(sa.text("SELECT 1"))
+    pool: Any = engine.pool
+    assert (OPEN, 1) == (b.state, pool.checkedin())  # the record waits, unconnected
+    clock.advance(5.0)
+    with engine.connect() as c:
+        assert 1 == c.execute(sa.text("SELECT 1")).scalar()
+    snap = b.snapshot()
+    assert (CLOSED, 0) == (snap.state, snap.probes_in_flight)
+    engine.dispose()
+
+
+def test_probe_pings_a_pooled_connection(server_url: str, proxy: FaultProxy) -> None:
+    """A probe given a pooled connection into a still-silent network fails fast and reopens."""
+    clock = FakeClock()
+    call = deadline(server_url)
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=1, call=call), clock=clock
+    )
+    b = breaker_of(engine)
+    warm(engine, 1)
+    b.record_failure("simulated outage")
+    proxy.blackhole()
+    clock.advance(5.0)
+    t0 = time.monotonic()
+    with pytest.raises(CircuitOpenError):
+        engine.connect()
+    assert time.monotonic() - t0 < call + 0.5
+    snap = b.snapshot()
+    assert (OPEN, 0, 2) == (snap.state, snap.probes_in_flight, snap.failures)
+    engine.dispose()
+
+
+def test_failed_probe_reopens(server_url: str, proxy: FaultProxy) -> None:
+    """A probe into a still-refusing server reopens it for another reset_timeout."""
+    clock = FakeClock()
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(), clock=clock)
+    b = breaker_of(engine)
+    proxy.refuse()
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    clock.advance(5.0)
+    with pytest.raises(sa.exc.OperationalError) as probe:
+        engine.connect()
+    assert not isinstance(probe.value, CircuitOpenError)
+    snap = b.snapshot()
+    assert (OPEN, 5.0, 0) == (snap.state, snap.retry_in, snap.probes_in_flight)
+    engine.dispose()
+
+
+# -- what never counts -----------------------------------------------------------------
+
+
+def test_application_errors_do_not_count(server_url: str, proxy: FaultProxy) -> None:
+    """Unique violations and syntax errors neither count nor reset the failure count."""
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(threshold=2))
+    table = f"rdb_app_{uuid.uuid4().hex[:10]}"
+    with engine.begin() as c:
+        c.execute(sa.text(f"CREATE TABLE {table} (id INT PRIMARY KEY)"))
+        c.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
+    try:
+        with engine.connect() as c:  # one counted failure first
+            c.execute(sa.text("SELECT 1"))
+            proxy.reset_all()
+            with pytest.raises(sa.exc.OperationalError):
+                c.execute(sa.text("SELECT 1"))
+        for _ in range(3):
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:
+                c.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
+            with pytest.raises(sa.exc.ProgrammingError), engine.connect() as c:
+                c.execute(sa.text("SELEC nonsense"))
+        snap = breaker_of(engine).snapshot()
+        assert (CLOSED, 1, 1) == (snap.state, snap.failures, snap.consecutive_failures)
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text(f"DROP TABLE {table}"))
+        engine.dispose()
+
+
+def test_keyboard_interrupt_does_not_count(pg_url: str) -> None:
+    """Ctrl-C during a query (a real SIGINT) leaves a threshold-1 breaker closed."""
+    engine = resilient_db.create_engine(pg_url, policy=policy(threshold=1))
+    select_one(engine)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), engine.connect() as c:
+            c.execute(sa.text("SELECT pg_sleep(5)"))
+    finally:
+        timer.cancel()
+    snap = breaker_of(engine).snapshot()
+    assert (CLOSED, 0) == (snap.state, snap.failures)
+    assert 1 == select_one(engine)
+    engine.dispose()
+
+
+async def test_cancellation_does_not_count(pg_url: str) -> None:
+    """asyncio cancellation of a running query leaves a threshold-1 breaker closed."""
+    url = sa.make_url(pg_url).set(drivername="postgresql+asyncpg")
+    ae = create_async_engine(url)
+    resilient_db.wrap(ae.sync_engine, policy=policy(threshold=1))
+
+    async def slow() -> None:
+        async with ae.connect() as c:
+            await c.execute(sa.text("SELECT pg_sleep(5)"))
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    snap = breaker_of(ae).snapshot()
+    assert (CLOSED, 0) == (snap.state, snap.failures)
+    await ae.dispose()
+
+
+# -- no lock around database calls -----------------------------------------------------
+
+
+def test_no_lock_held_during_database_calls(server_url: str) -> None:
+    """8 threads sleeping 0.2 s in the database at once finish in about 0.2 s, not 1.6 s."""
+    engine = resilient_db.create_engine(server_url, policy=policy())
+    sleep = "SELECT pg_sleep(0.2)" if is_pg(server_url) else "SELECT SLEEP(0.2)"
+    warm(engine, 8)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        barrier.wait()
+        try:
+            with engine.connect() as c:
+                c.execute(sa.text(sleep))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    assert [] == errors
+    assert elapsed < 0.2 * 8 / 2
+    engine.dispose()
+
+
+def test_slow_calls_count_as_failures(pg_url: str) -> None:
+    """Calls slower than BreakerPolicy.slow_call are failures even though they succeed."""
+    engine = resilient_db.create_engine(pg_url, policy=policy(threshold=2, slow_call=0.05))
+    for _ in range(2):
+        with engine.connect() as c:
+            c.execute(sa.text("SELECT pg_sleep(0.1)"))
+    b = breaker_of(engine)
+    assert (OPEN, 2, 0) == (b.state, b.failures, b.successes)
+    assert "slow-call threshold" in (b.last_failure or "")
+    engine.dispose()
+
+
+# -- connect retries -------------------------------------------------------------------
+
+
+def test_connect_retries_count_each_attempt(server_url: str, proxy: FaultProxy) -> None:
+    """A refused connect is retried `attempts` times; each attempt is one breaker failure."""
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=10, attempts=3)
+    )
+    proxy.refuse()
+    with pytest.raises(sa.exc.OperationalError) as e:
+        engine.connect()
+    ctx = ctx_of(e.value)
+    assert not isinstance(e.value, CircuitOpenError)
+    kinds = tuple(h.split(":")[0] for h in ctx.history)  # kind[:code]
+    assert (3, ("refused",) * 3, 3) == (ctx.attempt, kinds, breaker_of(engine).failures)
+    engine.dispose()
+
+
+def test_connect_retries_stop_when_the_breaker_opens(server_url: str, proxy: FaultProxy) -> None:
+    """With attempts=5 and threshold=2 the second failure opens it and ends the retries."""
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=2, attempts=5)
+    )
+    proxy.refuse()
+    with pytest.raises(sa.exc.OperationalError) as e:
+        engine.connect()
+    ctx = ctx_of(e.value)
+    assert (2, "refused", OPEN) == (ctx.attempt, ctx.kind, ctx.breaker_state)
+    assert 2 == resilience_of(engine).connect_attempts
+    engine.dispose()
+
+
+def test_connect_succeeds_after_a_retry(server_url: str, proxy: FaultProxy) -> None:
+    """Refused first, then accepted: connect() returns a working connection on attempt 2."""
+    engine = resilient_db.create_engine(
+        via(server_url, proxy), policy=policy(threshold=10, attempts=3)
+    )
+    proxy.refuse()
+    r = resilience_of(engine)
+
+    def heal() -> None:  # runs before attempt 2
+        if r.connect_attempts == 2:
+            proxy.passthrough()
+
+    r.connect_faults.append(heal)
+    assert 1 == select_one(engine)
+    assert (2, 1) == (r.connect_attempts, breaker_of(engine).failures)
+    engine.dispose()
+
+
+def test_non_retryable_connect_errors_are_not_retried(server_url: str) -> None:
+    """An unknown database fails on the first attempt and does not count for the breaker."""
+    url = sa.make_url(server_url).set(database=f"no_such_db_{uuid.uuid4().hex[:8]}")
+    engine = resilient_db.create_engine(url, policy=policy(threshold=1, attempts=5))
+    with pytest.raises(sa.exc.OperationalError) as e:
+        engine.connect()
+    ctx = ctx_of(e.value)
+    assert ("unknown_database", 1, CLOSED) == (ctx.kind, ctx.attempt, breaker_of(engine).state)
+    engine.dispose()
+
+
+def test_retry_deadline_accounts_for_the_next_sleep(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No retry starts when elapsed + the next pause would pass RetryPolicy.deadline."""
+    ticks = iter(float(t) for t in range(0, 1000, 4))  # each clock read: 4 s later
+    retry = RetryPolicy(attempts=10, initial=1.0, max_backoff=5.0, deadline=10.0)
+    pol = Policy(retry=retry, breaker=BreakerPolicy(enabled=False), validate="off")
+    engine = resilient_db.create_engine(
+        "postgresql+psycopg://u@127.0.0.1:1/db", policy=pol, clock=lambda: next(ticks)
+    )
+    monkeypatch.setattr(_backoff, "backoff", lambda p, attempt: 3.0)
+    with pytest.raises(sa.exc.OperationalError) as e:
+        engine.connect()
+    # attempt 1 ends at 4 s (4 + 3 < 10: retry), attempt 2 at 8 s (8 + 3 >= 10: stop)
+    assert (2, 8.0) == (ctx_of(e.value).attempt, ctx_of(e.value).elapsed)
+
+
+def test_happy_path_builds_no_retry_machinery(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connect that succeeds at once never enters the retry loop."""
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise AssertionError("retry loop entered")
+
+    monkeypatch.setattr(Resilience, "_connect_retrying", boom)
+    engine = resilient_db.create_engine(sqlite_url, policy=policy())
+    assert 1 == select_one(engine)
+    engine.dispose()
+
+
+def test_backoff_is_full_jitter_capped() -> None:
+    """The n-th pause is uniform in [0, min(max_backoff, initial * 2**(n-1))]."""
+    p = RetryPolicy(initial=0.1, max_backoff=0.5)
+    highs = [_backoff.backoff(p, n, rand=lambda: 1.0) for n in (1, 2, 3, 4)]
+    assert [0.1, 0.2, 0.4, 0.5] == pytest.approx(highs)
+    assert 0.0 == _backoff.backoff(p, 3, rand=lambda: 0.0)
+
+
+# -- bulkhead and statement timeouts ---------------------------------------------------
+
+
+def test_bulkhead_rejects_beyond_max_waiters_at_once(sqlite_url: str) -> None:
+    """With one connection held and one caller waiting, the next caller is rejected at once."""
+    pool = PoolPolicy(size=1, max_overflow=0, max_waiters=1)
+    pol = Policy(timeouts=Timeouts(checkout=5.0), pool=pool, validate="off")
+    engine = resilient_db.create_engine(sqlite_url, policy=pol)
+    r = resilience_of(engine)
+    held = engine.connect()
+    waiter_done = threading.Event()
+
+    def waiter() -> None:
+        with engine.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+        waiter_done.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    for _ in range(500):  # until the waiter is parked in the pool
+        if r.waiting == 1:
+            break
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(PoolExhaustedError) as e:
+        engine.connect()
+    assert time.monotonic() - t0 < 1.0  # not the 5 s checkout timeout
+    err = e.value
+    assert isinstance(err, sa.exc.TimeoutError)
+    assert (
+        "pool exhausted: 1 in use, 1 waiting \u2014 a leak or a slow database, "
+        "not a network problem"
+    ) in str(err)
+    extra = dict(ctx_of(err).extra)
+    assert (1, 1, 1, 1) == (
+        extra["in_use"],
+        extra["waiting"],
+        extra["max_waiters"],
+        extra["pool_size"],
+    )
+    held.close()
+    t.join(5)
+    assert waiter_done.is_set()
+    assert 0 == breaker_of(engine).failures
+    engine.dispose()
+
+
+def test_checkout_timeout_is_pool_exhausted(sqlite_url: str) -> None:
+    """Waiting longer than Timeouts.checkout raises PoolExhaustedError, not counted."""
+    pool = PoolPolicy(size=1, max_overflow=0, max_waiters=4)
+    pol = Policy(timeouts=Timeouts(checkout=0.2), pool=pool, validate="off")
+    engine = resilient_db.create_engine(sqlite_url, policy=pol)
+    with engine.connect(), pytest.raises(PoolExhaustedError) as e:
+        engine.connect()
+    assert "checkout timed out" in str(e.value)
+    assert ("pool_exhausted", 0) == (ctx_of(e.value).kind, breaker_of(engine).failures)
+    engine.dispose()
+
+
+def test_postgres_statement_timeout_from_policy(pg_url: str) -> None:
+    """PostgreSQL sessions get statement_timeout = Timeouts.statement."""
+    engine = resilient_db.create_engine(pg_url, policy=policy(statement=1.5))
+    with engine.connect() as c:
+        assert "1500ms" == c.execute(sa.text("SHOW statement_timeout")).scalar()
+    engine.dispose()
+
+
+def test_mariadb_max_statement_time_from_policy(mariadb_url: str) -> None:
+    """MariaDB sessions get max_statement_time; a slower query fails and does not count."""
+    engine = resilient_db.create_engine(mariadb_url, policy=policy(statement=0.3, threshold=1))
+    with engine.connect() as c:
+        assert 0.3 == pytest.approx(c.execute(sa.text("SELECT @@max_statement_time")).scalar())
+        with pytest.raises(sa.exc.OperationalError) as e:
+            c.execute(sa.text("SELECT SLEEP(2)"))
+        assert 1 == c.execute(sa.text("SELECT 1")).scalar()
+    assert "statement_timeout" == ctx_of(e.value).kind
+    assert CLOSED == breaker_of(engine).state
+    engine.dispose()
+
+
+def test_sqlite_busy_timeout(sqlite_url: str) -> None:
+    """SQLite connections wait for locks up to the (capped) statement timeout."""
+    engine = resilient_db.create_engine(sqlite_url, policy=policy(statement=2.0))
+    with engine.connect() as c:
+        assert 2000 == c.execute(sa.text("PRAGMA busy_timeout")).scalar()
+    engine.dispose()
+
+
+# -- manual control --------------------------------------------------------------------
+
+
+def test_manual_control(sqlite_url: str) -> None:
+    """force_open rejects with no retry_in; force_close and reset restore service."""
+    engine = resilient_db.create_engine(sqlite_url, policy=policy())
+    b = breaker_of(engine)
+    b.force_open()
+    with pytest.raises(CircuitOpenError) as e:
+        engine.connect()
+    ctx = ctx_of(e.value)
+    assert (None, True) == (ctx.retry_in, b.snapshot().forced)
+    assert "when an operator closes it" in ctx.diagnosis
+    b.force_close()
+    assert 1 == select_one(engine)
+    b.force_open()
+    b.reset()
+    snap = b.snapshot()
+    assert (CLOSED, 0, False) == (snap.state, snap.rejected, snap.forced)
+    assert 1 == select_one(engine)
+    engine.dispose()
