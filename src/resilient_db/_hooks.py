@@ -319,31 +319,14 @@ class Resilience:
 
     # -- per-call deadline and slow calls ----------------------------------------
 
-    def before_execute(self, conn: Any, *args: Any) -> None:
-        """Arm the watchdog (and the slow-call clock) for one cursor execute."""
-        now = self.clock()
-        conn.info["resilient_db.t0"] = now
-        if self.watch:
-            slot = _slot_of(conn)
-            if slot is not None:
-                call = self.policy.timeouts.call
-                assert call is not None
-                slot.deadline = time.monotonic() + call
-
-    def after_execute(self, conn: Any, *args: Any) -> None:
-        """Disarm the watchdog; report a slow call to the breaker."""
-        if self.watch:
-            slot = _slot_of(conn)
-            if slot is not None:
-                slot.deadline = 0.0
-        if self.slow_call is not None and self.breaker is not None:
-            t0 = conn.info.get("resilient_db.t0")
-            if t0 is not None and self.clock() - t0 > self.slow_call:
-                conn.info["resilient_db.failed"] = True
-                self.breaker.record_failure(
-                    f"A call to {self.target.where} took longer than the slow-call threshold "
-                    f"({self.slow_call}s): the database is overloaded or the network is slow."
-                )
+    def slow(self, info: dict[str, Any]) -> None:
+        """A call outlived the slow-call threshold: count it and spoil the checkout."""
+        info["resilient_db.failed"] = True
+        if self.breaker is not None:
+            self.breaker.record_failure(
+                f"A call to {self.target.where} took longer than the slow-call threshold "
+                f"({self.slow_call}s): the database is overloaded or the network is slow."
+            )
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         """Pool ``connect`` listener: a watchdog slot per DBAPI connection."""
@@ -484,7 +467,29 @@ class _ResilientPool:
     _rdb_base: type[Pool]
 
     def _do_get(self) -> Any:
-        # Hot path: every checkout. Keep attribute look-ups and calls few.
+        # Hot path, every checkout: breaker closed, no timings, no need to wait.
+        r = self._rdb
+        b = r.breaker
+        if (
+            (b is None or b.state is CLOSED)
+            and r.timing is None
+            and (
+                r.max_waiters is None or self._overflow < self._max_overflow  # type: ignore[attr-defined]
+            )
+        ):
+            try:
+                rec = self._rdb_base._do_get(self)  # type: ignore[arg-type]
+            except sa_exc.TimeoutError:
+                raise r.pool_exhausted(self, r.waiting, "checkout timed out") from None  # type: ignore[arg-type]
+            idle = r.ping_after_idle
+            if idle is not None:
+                since = rec.info.get("resilient_db.idle_since")
+                if since is not None and r.clock() - since > idle:
+                    rec = r.vet(self, rec, 0, False)  # type: ignore[arg-type]
+            return rec
+        return _ResilientPool._do_get_guarded(self)
+
+    def _do_get_guarded(self) -> Any:
         r = self._rdb
         timing = r.timing
         t0 = time.perf_counter() if timing is not None else 0.0
@@ -541,7 +546,7 @@ class _ResilientPool:
             r.timing.checked_in(record)
         b = r.breaker
         info = record.info
-        if b is not None:
+        if b is not None and (info or not b.quiet):  # marks are rare: skip the pops
             probe = info.pop("resilient_db.probe", False)
             if record.dbapi_connection is None or info.pop("resilient_db.failed", False):
                 b.release(probe)
@@ -552,30 +557,61 @@ class _ResilientPool:
         self._rdb_base._do_return_conn(self, record)  # type: ignore[arg-type]
 
 
-def _guard_commit_rollback(dialect: Any, r: Resilience) -> None:
-    """Put COMMIT and ROLLBACK under the per-call deadline too.
+def _guard_calls(dialect: Any, r: Resilience) -> None:
+    """Put every driver call of this engine under the per-call deadline and slow-call clock.
 
-    They are not cursor executes, so ``before_cursor_execute`` never arms the
-    watchdog for them, and psycopg would block for ever on a COMMIT sent into a
-    silent network. Wraps this engine's own dialect instance only.
+    Wraps this engine's own dialect instance only: ``do_execute``,
+    ``do_executemany`` and ``do_execute_no_params`` (the execution context comes
+    last), and ``do_commit`` / ``do_rollback``, which are not cursor executes
+    (psycopg would block for ever on a COMMIT sent into a silent network).
+    Wrapping the dialect costs one Python call per statement; cursor-execute
+    event listeners would make SQLAlchemy join listener collections for every
+    Connection, several microseconds per request.
     """
-    call = r.policy.timeouts.call
-    assert call is not None
-    for name in ("do_commit", "do_rollback"):
-        original = getattr(dialect, name)
+    call = r.policy.timeouts.call if r.watch else None
+    slow = r.slow_call
+    clock = r.clock
 
-        def guarded(dbapi_connection: Any, _original: Any = original) -> None:
-            slot = _slot_of(dbapi_connection)
-            if slot is None:
-                _original(dbapi_connection)
-                return
-            slot.deadline = time.monotonic() + call
+    def guard(original: Callable[..., Any], info_of: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(*args: Any) -> Any:
+            info = info_of(args)
+            slot = info.get("resilient_db.slot") if call is not None and info else None
+            if slot is not None:
+                slot.deadline = time.monotonic() + call  # type: ignore[operator]
+            t0 = clock() if slow is not None else 0.0
             try:
-                _original(dbapi_connection)
+                result = original(*args)
             finally:
-                slot.deadline = 0.0
+                if slot is not None:
+                    slot.deadline = 0.0
+            if slow is not None and info is not None and clock() - t0 > slow:
+                r.slow(info)
+            return result
 
-        setattr(dialect, name, guarded)
+        return guarded
+
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, guard(getattr(dialect, name), _context_info))
+    for name in ("do_commit", "do_rollback"):
+        setattr(dialect, name, guard(getattr(dialect, name), _connection_info))
+
+
+def _context_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The pool record's info dict, from an execute call's execution context."""
+    try:
+        info = args[-1]._dbapi_connection.info
+    except Exception:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _connection_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The pool record's info dict, from a commit/rollback call's pooled connection."""
+    try:
+        info = args[0].info
+    except Exception:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def install(engine: Engine, r: Resilience) -> None:
@@ -591,6 +627,7 @@ def install(engine: Engine, r: Resilience) -> None:
             "_rdb": r,
             "_rdb_base": base,
             "_do_get": _ResilientPool._do_get,
+            "_do_get_guarded": _ResilientPool._do_get_guarded,
             "_do_return_conn": _ResilientPool._do_return_conn,
         },
     )
@@ -607,10 +644,8 @@ def install(engine: Engine, r: Resilience) -> None:
     attach(engine, r)
     if r.watch:
         event.listen(engine, "connect", r.on_connect)
-        _guard_commit_rollback(engine.dialect, r)
     if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:
         # after SQLAlchemy's first-connect listener, which sets dialect.is_mariadb
         event.listen(engine, "connect", r.on_connect_mariadb)
     if r.watch or r.slow_call is not None:
-        event.listen(engine, "before_cursor_execute", r.before_execute)
-        event.listen(engine, "after_cursor_execute", r.after_execute)
+        _guard_calls(engine.dialect, r)
