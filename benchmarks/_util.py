@@ -6,7 +6,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 PG_URL = os.environ.get("RDB_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("RDB_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -42,6 +42,31 @@ def interleaved(
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
+            samples[name].append((time.perf_counter() - t0) / calls)
+    return samples
+
+
+async def async_interleaved(
+    variants: dict[str, Callable[[], Awaitable[object]]],
+    *,
+    rounds: int,
+    calls: int,
+    warmup: int = 200,
+) -> dict[str, list[float]]:
+    """:func:`interleaved` for coroutine functions, awaited one after another on the loop."""
+    names = list(variants)
+    for name in names:
+        fn = variants[name]
+        for _ in range(warmup):
+            await fn()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else list(reversed(names))
+        for name in order:
+            fn = variants[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                await fn()
             samples[name].append((time.perf_counter() - t0) / calls)
     return samples
 

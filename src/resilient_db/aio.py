@@ -1,0 +1,255 @@
+"""``create_async_engine`` and ``wrap_async``: genuine AsyncEngines with resilience attached.
+
+An :class:`~sqlalchemy.ext.asyncio.AsyncEngine` is a thin proxy over a
+synchronous :class:`~sqlalchemy.engine.Engine`, its ``sync_engine``, whose
+driver calls run in greenlets on the event loop. Everything resilient_db
+attaches to a sync engine (the pool subclass, the ``do_connect`` and
+``handle_error`` listeners, the watchdog) works unchanged on ``sync_engine``:
+the same policy, classification, error context, breaker and bulkhead, with
+backoff sleeps that await :func:`asyncio.sleep` instead of blocking the loop.
+
+This module adds what only async drivers need:
+
+- aiomysql's ``connect_timeout`` bounds the TCP connect but not the MySQL
+  handshake, so a server that accepts and never greets would hang the connect
+  for ever: the whole connect is put under ``Timeouts.connect``;
+- asyncpg raises ``TimeoutError`` (its ``command_timeout``) and socket errors
+  bare, past SQLAlchemy's exception wrapping: they become
+  :class:`sqlalchemy.exc.OperationalError` with their ErrorContext, and a
+  timed-out asyncpg connection is aborted at once instead of being closed
+  "gracefully" for up to 2 more seconds over the network that went silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+
+from .classify import Kind
+from .config import Policy, ValidateMode
+from .engine import _check_policy, _engine_kwargs, _parse_url, _startup_validate, wrap
+from .errors import ConfigurationError, attach, error_context
+
+__all__ = ["create_async_engine", "wrap_async"]
+
+_ASYNC_DRIVERS = "postgresql+asyncpg, postgresql+psycopg, mysql+aiomysql or sqlite+aiosqlite"
+
+
+def create_async_engine(
+    url: str | URL,
+    *,
+    name: str | None = None,
+    policy: Policy | None = None,
+    validate: ValidateMode | None = None,
+    clock: Callable[[], float] | None = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """Create a genuine :class:`~sqlalchemy.ext.asyncio.AsyncEngine` with resilience attached.
+
+    The async twin of :func:`resilient_db.create_engine`: the same ``policy``
+    (timeouts, bounded pool, bulkhead, connect retries, circuit breaker), the
+    same classified errors with their :class:`~resilient_db.ErrorContext`, and
+    the same driver defaults. The URL must name an asyncio driver
+    (``postgresql+asyncpg``, ``postgresql+psycopg``, ``mysql+aiomysql``,
+    ``sqlite+aiosqlite``). ``kwargs`` go to
+    :func:`sqlalchemy.ext.asyncio.create_async_engine` and win over the
+    policy's defaults.
+
+    ``validate`` runs the same startup checks as the sync engine, in a worker
+    thread with its own event loop; they block the caller for up to
+    ``policy.retry.deadline`` seconds, so create engines at import or startup
+    time, not inside request handlers. ``clock`` replaces
+    :func:`time.monotonic` for the breaker and retry timing (tests).
+    """
+    policy = _check_policy(policy)
+    u = _parse_url(url)
+    kw = _engine_kwargs(u, policy, kwargs)
+    try:
+        engine = _sa_create_async_engine(u, **kw)
+    except TypeError as e:
+        raise ConfigurationError(
+            "create_async_engine",
+            f"an argument was rejected by SQLAlchemy: {e}.",
+            "Remove or fix it.",
+        ) from None
+    except sa_exc.ArgumentError as e:
+        raise ConfigurationError("create_async_engine", str(e), "Fix the argument.") from None
+    except sa_exc.InvalidRequestError:
+        raise ConfigurationError(
+            "url",
+            f"names the driver '{u.get_driver_name()}', which is not an asyncio driver.",
+            f"Use {_ASYNC_DRIVERS}, or resilient_db.create_engine() for a sync engine.",
+        ) from None
+    wrap_async(engine, name=name, policy=policy, clock=clock)
+    _startup_validate(engine.sync_engine, policy, validate)
+    return engine
+
+
+def wrap_async(
+    async_engine: AsyncEngine,
+    *,
+    name: str | None = None,
+    policy: Policy | None = None,
+    clock: Callable[[], float] | None = None,
+) -> AsyncEngine:
+    """Attach resilience to an existing AsyncEngine and return the same object.
+
+    The pool and driver settings the engine was created with are kept; use
+    :func:`create_async_engine` to also get resilient_db's safe defaults.
+    ``policy_of``, ``breaker_of`` and ``health_async`` accept the AsyncEngine.
+    """
+    if not isinstance(async_engine, AsyncEngine):
+        raise ConfigurationError(
+            "engine",
+            f"must be a sqlalchemy.ext.asyncio.AsyncEngine, got {type(async_engine).__name__}.",
+            "For a sync Engine use resilient_db.wrap().",
+        )
+    policy = _check_policy(policy)
+    sync_engine = async_engine.sync_engine
+    # dialect events ignore insert=True: registered before wrap() so that it runs
+    # before resilient_db's own do_connect listener, which makes the attempt
+    remove = _bound_connect(sync_engine, policy)
+    try:
+        wrap(sync_engine, name=name, policy=policy, clock=clock)
+    except BaseException:
+        remove()
+        raise
+    # after resilient_db's handle_error listener, which classifies and attaches context
+    event.listen(sync_engine, "handle_error", _after_classified)
+    return async_engine
+
+
+# -- aiomysql: the whole connect under the connect timeout ----------------------------
+
+
+def _bound_connect(engine: Engine, policy: Policy) -> Callable[[], None]:
+    """Put aiomysql's whole connect, handshake included, under ``Timeouts.connect``.
+
+    Returns a function that takes the listener off again.
+    """
+    timeout = policy.timeouts.connect
+    if timeout is None or engine.dialect.driver != "aiomysql":
+        return lambda: None
+    import aiomysql
+
+    def bounded(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return _connect_within(aiomysql.connect, timeout, args, kwargs)
+
+    def add_creator(dialect: Any, rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        # SQLAlchemy's documented hook for a custom async connect (async_creator)
+        cparams.setdefault("async_creator_fn", bounded)
+
+    event.listen(engine, "do_connect", add_creator)
+    return lambda: event.remove(engine, "do_connect", add_creator)
+
+
+async def _connect_within(
+    connect: Callable[..., Awaitable[Any]],
+    timeout: float,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    import aiomysql
+
+    try:
+        return await asyncio.wait_for(connect(*args, **kwargs), timeout)
+    except asyncio.TimeoutError:
+        # (aiomysql closes the socket when its handshake read is cancelled)
+        # PyMySQL's message for the same fault, so that classify() reads it alike
+        host = kwargs.get("host", "localhost")
+        raise aiomysql.OperationalError(
+            2003, f"Can't connect to MySQL server on {host!r} (timed out)"
+        ) from None
+
+
+# -- asyncpg: bare errors, slow "graceful" closes ---------------------------------------
+
+
+def _after_classified(ctx: Any) -> BaseException | None:
+    """``handle_error``: wrap asyncpg's bare errors; abort a timed-out asyncpg connection."""
+    orig: BaseException = ctx.original_exception
+    found = ctx.sqlalchemy_exception if ctx.sqlalchemy_exception is not None else orig
+    _hide_argument_values(found)
+    if getattr(ctx, "chained_exception", None) is not None:
+        return None  # an earlier listener already replaced the error
+    ectx = error_context(found)
+    if ectx is None:
+        return None  # cancellation, or an error nobody classified
+    if ectx.kind == Kind.READ_TIMEOUT.value and ctx.connection is not None:
+        _abort_asyncpg(ctx.connection)
+    if ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError)):
+        wrapped = sa_exc.OperationalError(
+            ctx.statement,
+            None,
+            orig,
+            hide_parameters=True,
+            connection_invalidated=bool(ctx.is_disconnect),
+        )
+        attach(wrapped, ectx)
+        return wrapped
+    return None
+
+
+# asyncpg encodes bind values itself and quotes the offending one in its error:
+# "invalid input for query argument $1: 'value...' (reason)"
+_ARGUMENT = "invalid input for query argument"
+_ARGUMENT_VALUE = re.compile(
+    r"(invalid input for query argument \$\d+(?: in element #\d+ of executemany\(\) "
+    r"sequence)?): .*",
+    re.DOTALL,
+)
+
+
+def _hide_argument_values(exc: BaseException) -> None:
+    """Cut the bind value out of asyncpg's client-side encoding errors (hide_parameters)."""
+    hits = [e for e in _chain(exc) if _ARGUMENT in _text(e)]
+    if not hits:
+        return
+    reason = "value hidden"
+    for e in hits:
+        cause = e.__cause__
+        if cause is not None and _ARGUMENT not in _text(cause):
+            # the encoder's own error may quote the value too: keep only its type
+            reason = f"value hidden; {type(cause).__name__}"
+            e.__cause__ = None
+            e.__suppress_context__ = True
+    for e in hits:
+        e.args = (_ARGUMENT_VALUE.sub(rf"\1: [{reason}]", _text(e)),)
+
+
+def _text(e: BaseException) -> str:
+    return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else ""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its DBAPI ``orig`` and their causes."""
+    found: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is f for f in found):
+            continue
+        found.append(e)
+        orig = getattr(e, "orig", None)
+        todo += [orig if isinstance(orig, BaseException) else None, e.__cause__]
+    return found
+
+
+def _abort_asyncpg(connection: Any) -> None:
+    """Abort the transport; SQLAlchemy's invalidation then finds it closed."""
+    try:
+        driver = connection.connection.driver_connection
+    except Exception:
+        return
+    if type(driver).__module__.startswith("asyncpg"):
+        with contextlib.suppress(Exception):
+            driver.terminate()
