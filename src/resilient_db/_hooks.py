@@ -40,6 +40,7 @@ from .errors import (
     PoolExhaustedError,
     attach,
     error_context,
+    redact_parameters,
 )
 
 __all__ = ["Resilience", "install"]
@@ -285,6 +286,8 @@ class Resilience:
             return None
         if isinstance(orig, _EXIT) or ctx.is_pre_ping:
             return None
+        if ctx.parameters:
+            redact_parameters(ctx.parameters, orig, sa_error)
         phase = _phase(ctx, orig)
         c = classify(target_exc, phase=phase, target=self.target)
         conn = ctx.connection

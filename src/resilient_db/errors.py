@@ -170,6 +170,62 @@ def attach(exc: BaseException, context: ErrorContext) -> None:
     exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
 
 
+REDACTED = "[redacted]"
+#: shorter bind values are left alone: redacting "1" or "ab" would mangle the message
+_MIN_REDACT = 4
+
+
+def _bind_values(parameters: Any, depth: int = 0) -> set[str]:
+    values: set[str] = set()
+    if depth > 3 or parameters is None:
+        return values
+    if isinstance(parameters, dict):
+        items: Any = parameters.values()
+    elif isinstance(parameters, (list, tuple)):
+        items = parameters
+    else:
+        items = (parameters,)
+    for v in items:
+        if isinstance(v, (dict, list, tuple)):
+            values |= _bind_values(v, depth + 1)
+        elif isinstance(v, (str, bytes, int, float)) and not isinstance(v, bool):
+            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            if len(text) >= _MIN_REDACT:
+                values.add(text)
+    return values
+
+
+def redact_parameters(parameters: Any, *excs: BaseException | None) -> None:
+    """Remove bind values echoed by the server from the messages of ``excs``.
+
+    ``hide_parameters`` keeps SQLAlchemy from printing bind values, but servers
+    quote them in their own messages (PostgreSQL: ``invalid input syntax for
+    type integer: "..."``; unique violations: ``Key (email)=(...)``). Every
+    string argument of each exception has those values replaced.
+    """
+    values = sorted(_bind_values(parameters), key=len, reverse=True)
+    if not values:
+        return
+    for exc in excs:
+        if exc is None or not exc.args:
+            continue
+        args = list(exc.args)
+        changed = False
+        for i, arg in enumerate(args):
+            if isinstance(arg, str):
+                new = arg
+                for v in values:
+                    new = new.replace(v, REDACTED)
+                if new != arg:
+                    args[i] = new
+                    changed = True
+        if changed:
+            try:
+                exc.args = tuple(args)
+            except (AttributeError, TypeError):  # pragma: no cover - exotic exceptions
+                continue
+
+
 def error_context(exc: BaseException | None) -> ErrorContext | None:
     """Return the :class:`ErrorContext` attached to ``exc`` or to its causes."""
     seen: set[int] = set()
