@@ -36,6 +36,25 @@ class BreakerListener(Protocol):  # pragma: no cover - protocol
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None: ...
 
 
+class SharedState(Protocol):  # pragma: no cover - protocol
+    """A fleet-wide gate on half-open probes (see :mod:`resilient_db.fleet`)."""
+
+    def acquire_probe(self, token: int) -> float | None:
+        """None: the probe may run; a number: rejected, seconds until it is worth retrying.
+
+        Called without the breaker's lock, only for a call that would be a
+        half-open probe; any I/O it does must be short and bounded.
+        """
+        ...
+
+    def probe_done(self, token: int | bool, outcome: bool | None) -> None:
+        """An admitted probe ended: True succeeded, False failed, None without a verdict.
+
+        Called with the breaker's lock held: it must not block or do I/O.
+        """
+        ...
+
+
 class Rejected(Exception):
     """Raised by :meth:`CircuitBreaker.before_call` when a call may not proceed."""
 
@@ -116,6 +135,8 @@ class CircuitBreaker:
         #: True while closed with nothing to count: a success changes nothing, so
         #: the checkout hot path can skip reporting it.
         self.quiet = self._window is None
+        #: A fleet-wide probe gate (:func:`resilient_db.share_breaker`), or None.
+        self.shared: SharedState | None = None
 
     def _requiet(self) -> None:
         self.quiet = self.state is CLOSED and not self._consecutive and self._window is None
@@ -152,7 +173,7 @@ class CircuitBreaker:
                 self._transition(HALF_OPEN)
             if self.state is HALF_OPEN and self._probes < self.policy.half_open_max_calls:
                 self._probes += 1
-                self._last_probe_at = self.clock()
+                previous, self._last_probe_at = self._last_probe_at, self.clock()
                 token = self._epoch
             elif self.state is CLOSED:
                 token = 0
@@ -161,6 +182,17 @@ class CircuitBreaker:
                 raise Rejected(self.state, self._retry_in_locked())
             events = self._take_events()
         self._emit(events)
+        shared = self.shared
+        if token and shared is not None:
+            # the fleet's probe lease, asked for with no lock held
+            wait = shared.acquire_probe(token)
+            if wait is not None:  # another replica is probing: give the slot back
+                with self._lock:
+                    if self._is_current(token):
+                        self._probes = max(0, self._probes - 1)
+                        self._last_probe_at = previous
+                    self.rejected += 1
+                raise Rejected(HALF_OPEN, wait)
         return token
 
     def retry_in(self) -> float | None:
@@ -189,6 +221,8 @@ class CircuitBreaker:
             self.successes += 1
             self._consecutive = 0
             self._push(True)
+            if probe and self.shared is not None:
+                self.shared.probe_done(probe, True)
             if self._is_current(probe):
                 self._probes = max(0, self._probes - 1)
                 if self.state is HALF_OPEN:
@@ -208,6 +242,8 @@ class CircuitBreaker:
             if diagnosis:
                 self.last_failure = diagnosis
             self._push(False)
+            if probe and self.shared is not None:
+                self.shared.probe_done(probe, False)
             if self._is_current(probe):
                 self._probes = max(0, self._probes - 1)
             if self.state is HALF_OPEN or (self.state is CLOSED and self._should_trip()):
@@ -221,6 +257,8 @@ class CircuitBreaker:
         """A call ended without a verdict (cancelled, or an application error)."""
         if probe:
             with self._lock:
+                if self.shared is not None:
+                    self.shared.probe_done(probe, None)
                 if self._is_current(probe):
                     self._probes = max(0, self._probes - 1)
 
@@ -299,6 +337,44 @@ class CircuitBreaker:
             if fn is not None:
                 with contextlib.suppress(Exception):
                     fn(self) if what == "success" else fn(self, None)
+
+    def adopt(
+        self,
+        state: str,
+        retry_in: float = 0.0,
+        *,
+        unless_changed: int | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Take a state decided elsewhere: the fleet's shared state (:mod:`resilient_db.fleet`).
+
+        ``open`` with ``retry_in`` seconds left, ``half-open`` or ``closed``. A
+        breaker forced open by an operator is left alone, and so is one whose
+        :attr:`transitions` count is no longer ``unless_changed`` (it changed
+        state on its own since the shared state was read). Returns True when
+        the state or the open deadline changed; ``reason`` (why the fleet
+        opened) then becomes :attr:`last_failure`.
+        """
+        with self._lock:
+            if self._forced or (unless_changed is not None and self.transitions != unless_changed):
+                return False
+            changed = state != self.state
+            if state == OPEN:
+                opened_at = self.clock() + max(0.0, retry_in) - self.policy.reset_timeout
+                changed = changed or abs(opened_at - self._opened_at) > 1e-3
+                self._transition(OPEN)
+                self._opened_at = opened_at
+            elif state == HALF_OPEN:
+                self._transition(HALF_OPEN)
+            elif state == CLOSED:
+                self._transition(CLOSED)
+            else:
+                raise ValueError(f"unknown breaker state {state!r}")
+            if reason and changed and state != CLOSED:
+                self.last_failure = reason
+            events = self._take_events()
+        self._emit(events)
+        return changed
 
     # -- operator controls -------------------------------------------------------
 

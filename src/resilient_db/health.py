@@ -14,8 +14,9 @@ checks out a pooled connection and pings it within ``timeout`` seconds:
   blackholed network; at most one ping per engine is in flight.
 
 Status: ``down`` when the breaker is open or the ping failed; ``degraded``
-when the breaker is half-open or has counted recent failures, or the pool is
-saturated; ``ok`` otherwise.
+when the breaker is half-open or has counted recent failures, the pool is
+saturated, or the breaker's shared state (:func:`~resilient_db.share_breaker`)
+is unreachable and the replica runs on its local breaker; ``ok`` otherwise.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class HealthSnapshot:
     last_success: float | None
     ping_ok: bool | None = None
     ping_seconds: float | None = None
+    #: The shared breaker store's status (``kind``, ``ok``, ``error``...), or None.
+    breaker_store: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,8 +100,8 @@ class HealthSnapshot:
         return self.last_error.diagnosis if self.last_error is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the snapshot as a JSON-serialisable dict."""
-        return {
+        """Return the snapshot as a JSON-serialisable dict (``breaker_store`` when shared)."""
+        data = {
             "status": self.status,
             "engine": self.engine,
             "checked_at": self.checked_at,
@@ -116,6 +119,9 @@ class HealthSnapshot:
             "ping_ok": self.ping_ok,
             "ping_seconds": self.ping_seconds,
         }
+        if self.breaker_store is not None:
+            data["breaker_store"] = dict(self.breaker_store)
+        return data
 
 
 def pool_stats(pool: Pool, r: Any) -> PoolStats:
@@ -165,7 +171,16 @@ def _snapshot(
         status = DOWN
     if ping_reason:
         reasons.append(ping_reason)
+    shared = getattr(r.breaker, "shared", None)
+    store = shared.status() if shared is not None and hasattr(shared, "status") else None
+    if store is not None and not store.get("ok", True):
+        reasons.append(
+            f"shared breaker state unavailable ({store.get('kind')}: {store.get('error')}): "
+            "running on the local circuit breaker"
+        )
     if status != DOWN:
+        if store is not None and not store.get("ok", True):
+            status = DEGRADED
         if b is not None and b.state == "half-open":
             status = DEGRADED
             reasons.append("circuit breaker half-open: probing the database")
@@ -192,6 +207,7 @@ def _snapshot(
         last_success=getattr(tel, "last_ok", None),
         ping_ok=ping_ok,
         ping_seconds=ping_seconds,
+        breaker_store=store,
     )
 
 

@@ -164,6 +164,14 @@ METRICS: tuple[MetricSpec, ...] = (
         "Calls rejected without I/O because the circuit breaker was open.",
     ),
     MetricSpec(
+        "resilient_db.breaker.store.available",
+        "ObservableGauge",
+        "{store}",
+        (POOL,),
+        "1 while the breaker's shared state store (Redis) answers, 0 while the replica runs "
+        "on its local breaker alone; reported only for engines with a shared breaker.",
+    ),
+    MetricSpec(
         "resilient_db.retry.attempts",
         "Counter",
         "{attempt}",
@@ -251,6 +259,7 @@ class Instruments:
             "resilient_db.breaker.state": _breaker_state,
             "resilient_db.breaker.transitions": _breaker_transitions,
             "resilient_db.breaker.rejections": _breaker_rejections,
+            "resilient_db.breaker.store.available": _breaker_store,
         }
         create = {
             "ObservableUpDownCounter": meter.create_observable_up_down_counter,
@@ -338,6 +347,13 @@ def _breaker_rejections(tel: EngineTelemetry) -> Iterator[Observation]:
     b = tel.resilience.breaker
     if b is not None:
         yield Observation(tel.rejections.read(b.rejected), tel.pool_attrs)
+
+
+def _breaker_store(tel: EngineTelemetry) -> Iterator[Observation]:
+    shared = getattr(tel.resilience.breaker, "shared", None)
+    available = getattr(shared, "available", None)
+    if available is not None:
+        yield Observation(1 if available else 0, tel.pool_attrs)
 
 
 class Monotonic:
