@@ -78,7 +78,7 @@ def test_metrics_endpoint(app: Any) -> None:
         'db_client_connection_state="idle"',
         'resilient_db_breaker_state{db_client_connection_pool_name="notes-test"',
         "db_client_operation_duration_seconds_bucket{",
-        "db_client_connection_use_time_seconds_count{",
+        "db_client_connection_create_time_seconds_count{",
     ):
         assert series in text, series
 

@@ -7,7 +7,8 @@ explicit providers, e.g. a test's ``MeterProvider`` with an in-memory reader.
 
 The engine's hooks call an :class:`EngineTelemetry` at a few points: a
 classified error, a connect sequence, a failed validation, and, only when
-per-call timings are on, each checkout and checkin.
+the opt-in pool timings are on, each checkout and checkin. Operation timings
+(``db.client.operation.duration``) wrap the dialect's execute methods instead.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def _safe(fn: Callable[_P, _R]) -> Callable[_P, _R | None]:
 class EngineTelemetry:
     """The telemetry of one engine: its attributes, instruments, tracer and logger state.
 
-    ``timings`` (None: automatic) turns the per-call histograms on or off; see
-    :func:`instrument`.
+    ``timings`` (None: automatic) turns the per-call histograms on or off;
+    ``pool_timings`` adds the per-checkout ones to them; see :func:`instrument`.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class EngineTelemetry:
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
         timings: bool | None = None,
+        pool_timings: bool = False,
         capture_statement: bool = False,
     ) -> None:
         self.resilience = r
@@ -93,6 +95,7 @@ class EngineTelemetry:
             "resilient_db", _VERSION, tracer_provider=tracer_provider
         )
         self.timings = timings
+        self.pool_timings = pool_timings
         pool = {"db.client.connection.pool.name": r.name}
         self.pool_attrs: dict[str, Any] = pool
         self.idle_attrs: dict[str, Any] = {**pool, "db.client.connection.state": "idle"}
@@ -147,7 +150,12 @@ class EngineTelemetry:
         return engine
 
     def start_timings(self) -> None:
-        """Record the per-call histograms from now on (unless ``timings=False``)."""
+        """Record the per-call histograms from now on (unless ``timings=False``).
+
+        ``db.client.operation.duration`` always; ``wait_time`` and ``use_time``
+        only with ``pool_timings`` (setting ``Resilience.timing`` sends the
+        pool's checkout and checkin through :meth:`checked_out`/:meth:`checked_in`).
+        """
         if self.timings is False or self._detached:
             return
         with self._lock:
@@ -158,7 +166,8 @@ class EngineTelemetry:
                 return
             _time_executes(engine.dialect, self)
             self._listening = True
-        self.resilience.timing = self
+        if self.pool_timings:
+            self.resilience.timing = self
 
     # -- state read at collection time ---------------------------------------------
 
@@ -188,7 +197,7 @@ class EngineTelemetry:
                 self._op_attrs = attrs  # MySQL vs MariaDB is known after the first connect
         return attrs
 
-    # -- per call (only when timings are on) ----------------------------------------
+    # -- per checkout (only when pool timings are on) --------------------------------
 
     def checked_out(self, record: Any, t0: float) -> None:
         """A connection left the pool: record the wait, remember when."""
@@ -246,7 +255,7 @@ class EngineTelemetry:
                 attrs["db.query.text"] = exc_ctx.statement
             tracing.add_current_event("resilient_db.error", attrs)
         t0 = getattr(exc_ctx.execution_context, "_rdb_t0", None)
-        if t0 is not None and self.resilience.timing is self:
+        if t0 is not None and self._listening:
             attrs = {**self.op_attrs(), "error.type": ctx.kind}
             if ctx.code:
                 attrs["db.response.status_code"] = ctx.code
@@ -461,6 +470,7 @@ def instrument(
     meter_provider: MeterProvider | None = None,
     tracer_provider: TracerProvider | None = None,
     timings: bool | None = None,
+    pool_timings: bool = False,
     capture_statement: bool = False,
 ) -> EngineTelemetry:
     """(Re-)instrument a resilient_db engine and return its telemetry.
@@ -470,10 +480,13 @@ def instrument(
     ``MeterProvider(metric_readers=[InMemoryMetricReader()])``), or to change
     the options:
 
-    - ``timings``: the per-call histograms (``db.client.connection.wait_time``,
-      ``use_time``, ``db.client.operation.duration``). ``None`` (default): on
-      as soon as a real SDK collects (at once for an explicit SDK provider);
-      ``True``: on now; ``False``: never.
+    - ``timings``: the per-call histogram ``db.client.operation.duration``
+      (one record per driver execute). ``None`` (default): on as soon as a
+      real SDK collects (at once for an explicit SDK provider); ``True``: on
+      now; ``False``: never.
+    - ``pool_timings``: also record ``db.client.connection.wait_time`` (per
+      checkout) and ``use_time`` (per checkin), whenever ``timings`` are on.
+      Off by default: each is one more SDK ``record()`` per request.
     - ``capture_statement``: add the SQL text (never its parameters) as
       ``db.query.text`` to error span events.
 
@@ -493,6 +506,7 @@ def instrument(
         meter_provider=meter_provider,
         tracer_provider=tracer_provider,
         timings=timings,
+        pool_timings=pool_timings,
         capture_statement=capture_statement,
     )
     tel.start()

@@ -1,0 +1,135 @@
+"""Telemetry overhead: ``SELECT 1`` through raw SQLAlchemy and resilient_db engines.
+
+Five engines in interleaved rounds, same process: raw SQLAlchemy; resilient_db
+with no OpenTelemetry SDK (the default: no-op instruments); resilient_db with an
+SDK ``MeterProvider`` + in-memory reader and ``TracerProvider`` + in-memory
+exporter and the default timings (``db.client.operation.duration`` per execute);
+the same with ``pool_timings=True`` (plus ``wait_time``/``use_time`` per
+checkout); and the same with ``timings=False`` (observable pool and breaker
+metrics only).
+
+    python -m benchmarks.telemetry_overhead [--smoke] [--db sqlite,pg] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+import resilient_db
+from resilient_db.telemetry import instrument
+
+from ._util import PG_URL, interleaved, median, reachable, table
+
+#: variant -> target ratio to raw SQLAlchemy (None: informational)
+TARGETS: dict[str, float | None] = {
+    "no_sdk": 1.05,
+    "sdk": 1.10,
+    "sdk_pool_timings": None,
+    "sdk_no_timings": None,
+}
+#: instrument() options of the SDK variants
+SDK_OPTIONS: dict[str, dict[str, Any]] = {
+    "sdk": {},
+    "sdk_pool_timings": {"pool_timings": True},
+    "sdk_no_timings": {"timings": False},
+}
+
+
+def _call(engine: sa.Engine, stmt: Any) -> object:
+    with engine.connect() as conn:
+        return conn.execute(stmt).scalar()
+
+
+def measure(url: str, *, rounds: int, calls: int) -> dict[str, Any]:
+    """Median per-call µs of each variant and its ratio to raw SQLAlchemy."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    tracers = TracerProvider()
+    tracers.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    engines: dict[str, sa.Engine] = {"raw": sa.create_engine(url)}
+    for name in TARGETS:
+        engines[name] = resilient_db.create_engine(url, name=f"bench-{name}", validate="off")
+    for name, options in SDK_OPTIONS.items():
+        instrument(engines[name], meter_provider=meters, tracer_provider=tracers, **options)
+    stmt = sa.text("SELECT 1")
+    try:
+        samples = interleaved(
+            {n: (lambda e=e: _call(e, stmt)) for n, e in engines.items()},
+            rounds=rounds,
+            calls=calls,
+        )
+        reader.get_metrics_data()  # collection works while the engines run
+    finally:
+        for e in engines.values():
+            e.dispose()
+    raw = median(samples["raw"])
+    out: dict[str, Any] = {"raw_us": raw * 1e6}
+    for name in TARGETS:
+        m = median(samples[name])
+        out[name] = {"us": m * 1e6, "ratio": m / raw}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print a table (or JSON)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.telemetry_overhead", description=__doc__
+    )
+    ap.add_argument("--smoke", action="store_true", help="a short run for CI")
+    ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    args = ap.parse_args(argv)
+    rounds, calls = (5, 300) if args.smoke else (21, 2000)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for db in args.db.split(","):
+            if db == "sqlite":
+                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+            elif db == "pg":
+                if not reachable("127.0.0.1", 5432):
+                    print("telemetry_overhead: PostgreSQL not reachable, skipped", file=sys.stderr)
+                    continue
+                url = PG_URL
+            else:
+                ap.error(f"unknown database {db!r}")
+            results[db] = measure(url, rounds=rounds, calls=calls)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = []
+    for db, r in results.items():
+        for name, target in TARGETS.items():
+            ratio = r[name]["ratio"]
+            verdict = "" if target is None else "ok" if ratio <= target else "over"
+            rows.append(
+                (
+                    db,
+                    name,
+                    f"{r['raw_us']:.1f}",
+                    f"{r[name]['us']:.1f}",
+                    f"{ratio:.3f}",
+                    "-" if target is None else f"≤ {target}",
+                    verdict,
+                )
+            )
+    print("Telemetry overhead: SELECT 1 per call (checkout + execute + return), medians")
+    print(table(["db", "variant", "raw µs", "µs", "ratio", "target", ""], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
