@@ -80,8 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         rows = [
-            (db, f"{r['raw_us']:.1f}", f"{r['resilient_us']:.1f}", f"{r['ratio']:.3f}",
-             "ok" if r["ratio"] <= TARGET else f"over {TARGET}")
+            (
+                db,
+                f"{r['raw_us']:.1f}",
+                f"{r['resilient_us']:.1f}",
+                f"{r['ratio']:.3f}",
+                "ok" if r["ratio"] <= TARGET else f"over {TARGET}",
+            )
             for db, r in results.items()
         ]
         print("Happy-path overhead: SELECT 1 per call (checkout + execute + return), medians")

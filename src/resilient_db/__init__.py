@@ -6,6 +6,7 @@ safe connect retries and a bounded pool.
 """
 
 from ._backoff import set_testing
+from .aio import create_async_engine, wrap_async
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .classify import Classification, Kind, RetryLevel, Target, classify
 from .config import (
@@ -22,13 +23,29 @@ from .errors import (
     CircuitOpenError,
     ConfigurationError,
     ErrorContext,
+    NoPrimaryError,
     PoolExhaustedError,
     ResilientDBError,
     error_context,
 )
+from .failover import HostStatus, hosts_of
+from .fleet import RedisBreakerStore, share_breaker
+from .health import HealthSnapshot, PoolStats, health, health_async
+from .idempotency import ensure_idempotency_table, idempotency_table, purge_idempotency_keys
+from .retry import (
+    ALREADY_COMMITTED,
+    AlreadyCommitted,
+    run_transaction,
+    run_transaction_async,
+    transactional,
+    transactional_async,
+)
+from .validation import Finding, Report, validate
 
 __all__ = [
+    "ALREADY_COMMITTED",
     "DEFAULT_POLICY",
+    "AlreadyCommitted",
     "AmbiguousCommitError",
     "BreakerPolicy",
     "BreakerSnapshot",
@@ -37,10 +54,17 @@ __all__ = [
     "Classification",
     "ConfigurationError",
     "ErrorContext",
+    "Finding",
+    "HealthSnapshot",
+    "HostStatus",
     "Kind",
+    "NoPrimaryError",
     "Policy",
     "PoolExhaustedError",
     "PoolPolicy",
+    "PoolStats",
+    "RedisBreakerStore",
+    "Report",
     "ResilientDBError",
     "RetryLevel",
     "RetryPolicy",
@@ -49,11 +73,25 @@ __all__ = [
     "breaker_of",
     "breaker_state",
     "classify",
+    "create_async_engine",
     "create_engine",
+    "ensure_idempotency_table",
     "error_context",
+    "health",
+    "health_async",
+    "hosts_of",
+    "idempotency_table",
     "policy_of",
+    "purge_idempotency_keys",
+    "run_transaction",
+    "run_transaction_async",
     "set_testing",
+    "share_breaker",
+    "transactional",
+    "transactional_async",
+    "validate",
     "wrap",
+    "wrap_async",
 ]
 
 __version__ = "0.1.0"

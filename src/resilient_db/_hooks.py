@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -42,6 +42,9 @@ from .errors import (
     error_context,
     redact_parameters,
 )
+
+if TYPE_CHECKING:
+    from .failover import Failover
 
 __all__ = ["Resilience", "install"]
 
@@ -106,6 +109,8 @@ class Resilience:
         self.telemetry: Any = None
         self.timing: Any = None
         self._pymysql = engine.dialect.driver == "pymysql"
+        # host selection of a multi-host engine (resilient_db.failover.attach sets it)
+        self.failover: Failover | None = None
 
     # -- context and errors ------------------------------------------------------
 
@@ -120,9 +125,13 @@ class Resilience:
         retry_in: float | None = None,
         diagnosis: str | None = None,
         extra: tuple[tuple[str, Any], ...] = (),
+        target: Target | None = None,
     ) -> ErrorContext:
-        """Build the error context for a classified failure of this engine."""
-        t = self.target
+        """Build the error context for a classified failure of this engine.
+
+        ``target`` names the host actually tried (multi-host engines); default: the URL's.
+        """
+        t = target or self.target
         ctx = ErrorContext(
             engine=self.name,
             dialect=t.dialect,
@@ -208,6 +217,11 @@ class Resilience:
         return self._connect_retrying(dialect, cargs, cparams, error, start)
 
     def _connect_once(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
+        if self.failover is not None:  # a multi-host engine picks the host (failover.py)
+            return self.failover.connect(dialect, cargs, cparams, self._open)
+        return self._open(dialect, cargs, cparams)
+
+    def _open(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
         handshake = cparams.get("connect_timeout") if self._pymysql else None
         read = cparams.get("read_timeout")
         if not handshake or (read is not None and read <= handshake):
@@ -227,7 +241,10 @@ class Resilience:
         attempt = 1
         while True:
             self.connect_failures += 1
-            c = classify(error, phase="connect", target=self.target)
+            # a multi-host engine's attempt names the host it tried (failover.TARGET_ATTR)
+            tried = getattr(error, "resilient_db_target", None)
+            t = tried if isinstance(tried, Target) else self.target
+            c = classify(error, phase="connect", target=t)
             history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
             b = self.breaker
             if b is not None and c.counts_for_breaker:
@@ -255,10 +272,17 @@ class Resilience:
                     error = e
                 continue
             ctx = self.context(
-                c, phase="connect", attempt=attempt, elapsed=elapsed, history=tuple(history)
+                c,
+                phase="connect",
+                attempt=attempt,
+                elapsed=elapsed,
+                history=tuple(history),
+                target=t,
             )
             attach(error, ctx)
-            if isinstance(error, dialect.loaded_dbapi.Error) or not isinstance(error, Exception):
+            if isinstance(
+                error, (dialect.loaded_dbapi.Error, sa_exc.SQLAlchemyError)
+            ) or not isinstance(error, Exception):
                 raise error
             # bare socket errors (asyncpg) become the SQLAlchemy error users catch
             wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
@@ -289,15 +313,17 @@ class Resilience:
         if ctx.parameters:
             redact_parameters(ctx.parameters, orig, sa_error)
         phase = _phase(ctx, orig)
-        c = classify(target_exc, phase=phase, target=self.target)
+        fo = self.failover
+        t = self.target if fo is None else fo.target_of(ctx.connection)
+        c = classify(target_exc, phase=phase, target=t)
         conn = ctx.connection
         if conn is not None and self.watch:
             slot = _slot_of(conn)
             if slot is not None and slot.fired:
                 slot.fired = False
-                c = classify(TimeoutError("call deadline"), phase=phase, target=self.target)
+                c = classify(TimeoutError("call deadline"), phase=phase, target=t)
                 if phase == "commit":
-                    c = classify(TimeoutError("x"), phase="commit", target=self.target)
+                    c = classify(TimeoutError("x"), phase="commit", target=t)
         b = self.breaker
         if b is not None:
             if c.counts_for_breaker:
@@ -312,7 +338,9 @@ class Resilience:
         if c.kind is Kind.READ_TIMEOUT:
             # one call outlived its deadline: discard that connection, not the pool
             ctx.invalidate_pool_on_disconnect = False
-        ectx = self.context(c, phase=phase)
+        if c.kind is Kind.READ_ONLY and fo is not None:
+            c = fo.refused_write(ctx, c)  # the primary moved: re-route (failover.py)
+        ectx = self.context(c, phase=phase, target=t)
         if c.kind is Kind.AMBIGUOUS_COMMIT:
             return AmbiguousCommitError(
                 f"Engine '{self.name}': {c.diagnosis} (cause: {type(orig).__name__})", ectx

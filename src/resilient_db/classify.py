@@ -699,6 +699,15 @@ def classify(
         retry, counts = RetryLevel.CONNECT, True
     if kind is Kind.LOCK_TIMEOUT and any(type(e).__module__ == "sqlite3" for e in _chain(exc)):
         counts = True  # SQLite's lock covers the whole database: it is unavailable
+    if kind is Kind.READ_ONLY:
+        # Only a multi-host engine sees read-only at connect (NoPrimaryError: no host is
+        # writable yet, a failover is in progress) or re-routes after a refused write,
+        # recording the wider retry level in the error's context (docs/fleet.md).
+        ro_ctx = error_context(exc)
+        if phase == "connect":
+            retry, counts = RetryLevel.CONNECT, True
+        elif ro_ctx is not None and ro_ctx.kind == kind.value and ro_ctx.retry != "never":
+            retry = RetryLevel(ro_ctx.retry)
     return Classification(
         kind=kind,
         retry=retry,

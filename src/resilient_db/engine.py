@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy
@@ -16,6 +16,8 @@ from ._hooks import Resilience, install
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .config import DEFAULT_POLICY, Policy, ValidateMode
 from .errors import ConfigurationError
+from .failover import Host, Role, split_url
+from .failover import attach as attach_failover
 
 __all__ = [
     "breaker_of",
@@ -161,6 +163,8 @@ def create_engine(
     policy: Policy | None = None,
     validate: ValidateMode | None = None,
     clock: Callable[[], float] | None = None,
+    hosts: Sequence[str | tuple[str, int]] | None = None,
+    role: Role | None = None,
     **kwargs: Any,
 ) -> Engine:
     """Create a genuine :class:`sqlalchemy.engine.Engine` with resilience attached.
@@ -171,9 +175,14 @@ def create_engine(
     the whole report, ``"warn"`` logs it, ``"off"`` skips them. ``clock``
     (default :func:`time.monotonic`) is for tests: the breaker, retry deadline
     and idle timing read it.
+
+    ``hosts`` (``["db1:5432", "db2:5432"]``, or libpq-style ``?host=a:5432&host=b:5432``
+    in the URL) makes one logical database of several servers, and ``role``
+    (``"primary"``, the default, ``"any"`` or ``"prefer-standby"``; in the URL
+    ``target_session_attrs``) says which one to use: see :mod:`resilient_db.failover`.
     """
     policy = _check_policy(policy)
-    u = _parse_url(url)
+    u, host_list, role = split_url(_parse_url(url), hosts, role)
     kw = _engine_kwargs(u, policy, kwargs)
     try:
         engine = sqlalchemy.create_engine(u, **kw)
@@ -183,7 +192,25 @@ def create_engine(
         ) from None
     except sa_exc.ArgumentError as e:
         raise ConfigurationError("create_engine", str(e), "Fix the argument.") from None
-    engine = wrap(engine, name=name, policy=policy, clock=clock)
+    engine = wrap(
+        engine,
+        name=name,
+        policy=policy,
+        clock=clock,
+        hosts=host_list,
+        role=role if host_list is not None else None,
+    )
+    fo = _REGISTRY[engine].failover
+    if fo is not None and (validate or policy.validate) != "off":
+        # validate the server the engine picks, not whichever host is listed first
+        chosen = fo.select(engine, kw["connect_args"])
+        if chosen != fo.hosts[0]:
+            check = sqlalchemy.create_engine(u.set(host=chosen.host, port=chosen.port), **kw)
+            try:
+                _startup_validate(wrap(check, name=name, policy=policy), policy, validate)
+            finally:
+                check.dispose()
+            return engine
     _startup_validate(engine, policy, validate)
     return engine
 
@@ -207,12 +234,15 @@ def wrap(
     name: str | None = None,
     policy: Policy | None = None,
     clock: Callable[[], float] | None = None,
+    hosts: Sequence[str | tuple[str, int] | Host] | None = None,
+    role: Role | None = None,
 ) -> Engine:
     """Attach resilience to an existing engine and return the same object.
 
     The pool and driver settings the engine was created with are kept; use
     :func:`create_engine` to also get resilient_db's safe defaults. ``clock``
     replaces :func:`time.monotonic` for the breaker and retry timing (tests).
+    ``hosts`` and ``role``: as for :func:`create_engine`.
     """
     if not isinstance(engine, Engine):
         raise ConfigurationError(
@@ -228,8 +258,11 @@ def wrap(
     if name is not None and not isinstance(name, str):
         raise ConfigurationError("name", "must be a string.", "Pass a short engine name.")
     label = name or _default_name(engine.url)
+    _, host_list, host_role = split_url(engine.url, hosts, role)
     r = Resilience(engine, label, policy, clock=clock or time.monotonic)
     install(engine, r)
+    if host_list is not None:
+        attach_failover(engine, r, host_list, host_role)
     _REGISTRY[engine] = r
     return engine
 

@@ -8,6 +8,7 @@ working::
     ├── ConfigurationError             sqlalchemy.exc.ArgumentError, ValueError
     ├── CircuitOpenError               sqlalchemy.exc.OperationalError
     ├── AmbiguousCommitError           sqlalchemy.exc.OperationalError
+    ├── NoPrimaryError                 sqlalchemy.exc.OperationalError
     └── PoolExhaustedError             sqlalchemy.exc.TimeoutError
 
 Errors raised by drivers keep their own SQLAlchemy type; resilient_db attaches
@@ -28,6 +29,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "ErrorContext",
+    "NoPrimaryError",
     "PoolExhaustedError",
     "ResilientDBError",
     "error_context",
@@ -114,6 +116,15 @@ class CircuitOpenError(_OperationalFault):
 
 class AmbiguousCommitError(_OperationalFault):
     """The connection was lost while COMMIT was in flight; the outcome is unknown."""
+
+
+class NoPrimaryError(_OperationalFault):
+    """A multi-host engine reached hosts, but none has the wanted role (no writable primary).
+
+    A failover is in progress or the primary is down; classified ``read_only``
+    and retried at connect like a refused connection. The message lists what
+    each host answered.
+    """
 
 
 class PoolExhaustedError(ResilientDBError, sa_exc.TimeoutError):

@@ -1,0 +1,614 @@
+"""Multi-host failover: one logical database served by several hosts.
+
+An engine given ``hosts=[...]`` (or a libpq-style URL ``?host=a:5432&host=b:5433``,
+``?host=a,b&port=5432,5433``) connects to one host at a time and picks it on
+every new connection:
+
+1. hosts are tried in order: the host in use first, then hosts last seen with
+   the wanted role, then hosts of unknown role, then the others (configured
+   order breaks ties);
+2. each host has its own :class:`~resilient_db.CircuitBreaker` (the policy's
+   :class:`~resilient_db.BreakerPolicy`), fed by connect outcomes only, so a
+   dead host is skipped without I/O until its reset timeout has passed;
+3. a fresh connection's role is read before the pool gets it: PostgreSQL
+   ``pg_is_in_recovery()`` and ``transaction_read_only``, MariaDB/MySQL
+   ``@@global.read_only`` (never a write probe: an admin user bypasses
+   ``read_only``);
+4. when no host fits, the engine-level attempt fails: the last driver error
+   (all hosts unreachable), :class:`~resilient_db.NoPrimaryError` (a host
+   answered but none is writable: a failover is in progress), or
+   :class:`~resilient_db.CircuitOpenError` (every host's breaker is open). Only
+   these whole-engine failures count for the engine's own breaker, so it opens
+   only when every host is failing.
+
+A write refused as read-only (PostgreSQL 25006, MariaDB 1290/1792/1836) on a
+``role="primary"`` engine means the primary moved: the host is marked a
+standby, the pool is invalidated so every pooled connection is replaced, and
+the error is classified ``RetryLevel.TRANSACTION`` (the write was refused, so
+re-running the unit of work is safe): :func:`~resilient_db.run_transaction`
+re-runs it on the new primary. The error itself is still the driver's
+read-only error; its :class:`~resilient_db.ErrorContext` names the host that
+refused it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine
+
+from ._hooks import _WATCHED_DRIVERS
+from ._watchdog import WATCHDOG, socket_fileno
+from .breaker import BreakerSnapshot, CircuitBreaker, Rejected
+from .classify import _RULES, Classification, Kind, RetryLevel, Target, _format, classify
+from .errors import CircuitOpenError, ConfigurationError, ErrorContext, NoPrimaryError
+
+if TYPE_CHECKING:
+    from ._hooks import Resilience
+
+__all__ = ["ROLES", "Host", "HostStatus", "Role", "hosts_of"]
+
+Role = Literal["primary", "any", "prefer-standby"]
+#: The roles an engine can ask for.
+ROLES: tuple[str, ...] = ("primary", "any", "prefer-standby")
+
+PRIMARY = "primary"
+STANDBY = "standby"
+
+# libpq's target_session_attrs values we honour, and the role each means
+_LIBPQ_ROLES = {
+    "any": "any",
+    "read-write": "primary",
+    "primary": "primary",
+    "prefer-standby": "prefer-standby",
+}
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+_EXIT = (KeyboardInterrupt, SystemExit, GeneratorExit)
+# the attribute a failed connect attempt's error carries: the Target it tried
+TARGET_ATTR = "resilient_db_target"
+_HOST_KEY = "resilient_db.host"
+
+logger = logging.getLogger("resilient_db.failover")
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One server of a multi-host engine."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    """What a multi-host engine knows about one host (for health checks and operators).
+
+    ``role`` is ``"primary"``, ``"standby"`` or None (never reached, or the
+    engine's role is ``"any"`` so it is not checked); ``current`` is True for
+    the host new connections go to first.
+    """
+
+    host: str
+    port: int
+    role: str | None
+    current: bool
+    breaker: BreakerSnapshot | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the status as a JSON-serialisable dict."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "role": self.role,
+            "current": self.current,
+            "breaker": self.breaker.to_dict() if self.breaker is not None else None,
+        }
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+def _parse_host(entry: object, default_port: int | None, field: str) -> Host:
+    if isinstance(entry, Host):
+        return entry
+    if isinstance(entry, tuple) and len(entry) == 2:
+        name, port = entry
+    elif isinstance(entry, str):
+        text = entry.strip()
+        port = None
+        if text.startswith("["):  # [::1]:5432
+            name, _, rest = text[1:].partition("]")
+            if rest.startswith(":"):
+                port = rest[1:]
+        elif text.count(":") == 1:
+            name, port = text.split(":")
+        else:
+            name = text
+    else:
+        raise ConfigurationError(
+            field,
+            f"entries must be 'host', 'host:port' or (host, port), got {entry!r}.",
+            "Pass e.g. hosts=['db1:5432', 'db2:5432'].",
+        )
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(field, f"has an empty host name in {entry!r}.", "Remove it.")
+    if port is None or port == "":
+        port = default_port
+    try:
+        number = int(port) if port is not None else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(port, bool) or not 0 < number < 65536:
+        raise ConfigurationError(
+            field, f"has no valid port for {entry!r}.", "Give host:port with a port 1-65535."
+        )
+    return Host(name.strip(), number)
+
+
+def parse_hosts(
+    hosts: Iterable[object] | str, default_port: int | None, field: str = "hosts"
+) -> tuple[Host, ...]:
+    """Turn ``["a:5432", ("b", 5433), "c"]`` (or ``"a,b:5433"``) into hosts."""
+    if isinstance(hosts, str):
+        hosts = [h for h in hosts.split(",") if h.strip()]
+    try:
+        entries = list(hosts)
+    except TypeError:
+        raise ConfigurationError(
+            field, f"must be a list of hosts, got {type(hosts).__name__}.", "Pass a list."
+        ) from None
+    if not entries:
+        raise ConfigurationError(field, "is empty.", "Give at least one host, or omit it.")
+    parsed = tuple(_parse_host(e, default_port, field) for e in entries)
+    if len(set(parsed)) != len(parsed):
+        raise ConfigurationError(field, "names a host twice.", "List each host:port once.")
+    return parsed
+
+
+def check_role(role: object, field: str = "role") -> Role:
+    """Validate a role name; return it."""
+    if role not in ROLES:
+        raise ConfigurationError(
+            field, f"must be one of {', '.join(ROLES)}, got {role!r}.", "Pick one."
+        )
+    return role  # type: ignore[return-value]
+
+
+def split_url(
+    url: URL, hosts: Iterable[object] | str | None, role: str | None
+) -> tuple[URL, tuple[Host, ...] | None, Role]:
+    """Take the host list and role out of ``url`` (libpq style) or the keywords.
+
+    Returns the URL for the first host (without ``host``, ``port`` and
+    ``target_session_attrs`` in its query), the hosts (None for a single-host
+    engine) and the role.
+    """
+    backend = url.get_backend_name()
+    query = dict(url.query)
+    in_query = "host" in query
+    if role is not None:
+        check_role(role)
+    if not in_query and hosts is None:
+        if role is not None:
+            raise ConfigurationError(
+                "role", "needs several hosts.", "Pass hosts=[...] or list them in the URL."
+            )
+        return url, None, "primary"
+    if backend not in _DEFAULT_PORTS:
+        raise ConfigurationError(
+            "hosts",
+            f"is only supported for PostgreSQL and MariaDB/MySQL, not {backend}.",
+            "Remove hosts.",
+        )
+    default_port = url.port or _DEFAULT_PORTS[backend]
+    if in_query:
+        if hosts is not None:
+            raise ConfigurationError(
+                "hosts", "is given both in the URL and as a keyword.", "Give the list once."
+            )
+        if url.host:
+            raise ConfigurationError(
+                "url",
+                "names a host before '/' and more in ?host=.",
+                "Use postgresql+psycopg://user@/db?host=a:5432&host=b:5432.",
+            )
+        raw = query.pop("host")
+        names = [p for item in _as_tuple(raw) for p in item.split(",") if p.strip()]
+        ports = [p for item in _as_tuple(query.pop("port", ())) for p in item.split(",")]
+        if ports and len(ports) not in (1, len(names)):
+            raise ConfigurationError(
+                "url", "lists a different number of ports and hosts.", "Give one port per host."
+            )
+        if ports:  # libpq: host=a,b&port=1,2 (names are bare, IPv6 ones too)
+            spec: list[object] = [
+                (n.strip().strip("[]"), ports[0] if len(ports) == 1 else ports[i])
+                for i, n in enumerate(names)
+            ]
+        else:
+            spec = list(names)
+        parsed = parse_hosts(spec, default_port, "url ?host=")
+    else:
+        assert hosts is not None
+        parsed = parse_hosts(hosts, default_port)
+    tsa = query.pop("target_session_attrs", None)
+    if tsa is not None:
+        value = _as_tuple(tsa)[-1]
+        if value not in _LIBPQ_ROLES:
+            raise ConfigurationError(
+                "url ?target_session_attrs=",
+                f"{value!r} is not supported.",
+                f"Use one of {', '.join(_LIBPQ_ROLES)}.",
+            )
+        if role is not None and role != _LIBPQ_ROLES[value]:
+            raise ConfigurationError(
+                "role", "contradicts target_session_attrs in the URL.", "Give the role once."
+            )
+        role = _LIBPQ_ROLES[value]
+    first = parsed[0]
+    return (
+        url.set(host=first.host, port=first.port, query=query),
+        parsed,
+        check_role(role or "primary"),
+    )
+
+
+def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+# -- the role probe -----------------------------------------------------------------
+
+
+def probe_role(dbapi_connection: Any, backend: str) -> str:
+    """``"primary"`` when the server accepts writes, else ``"standby"``.
+
+    Reads server state only; never writes (an admin user would bypass
+    MariaDB's ``read_only``). Ends the transaction the query opened.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        if backend == "postgresql":
+            cursor.execute(
+                "SELECT pg_catalog.pg_is_in_recovery(), "
+                "pg_catalog.current_setting('transaction_read_only')"
+            )
+            row = cursor.fetchone()
+            writable = not row[0] and str(row[1]).lower() == "off"
+        else:
+            cursor.execute("SELECT @@global.read_only")
+            row = cursor.fetchone()
+            writable = str(row[0]).upper() in ("0", "OFF")
+    finally:
+        cursor.close()
+    dbapi_connection.rollback()
+    return PRIMARY if writable else STANDBY
+
+
+# -- the per-engine state -----------------------------------------------------------
+
+
+class Failover:
+    """Host selection for one multi-host engine (``Resilience.failover``)."""
+
+    def __init__(
+        self,
+        r: Resilience,
+        backend: str,
+        hosts: tuple[Host, ...],
+        role: Role,
+        *,
+        clock: Callable[[], float],
+        driver: str = "",
+    ) -> None:
+        self.r = r
+        self.backend = backend
+        # psycopg and aiomysql have no read timeout: the watchdog bounds the role check
+        t = r.policy.timeouts
+        self.check_limit = (t.connect or t.call) if driver in _WATCHED_DRIVERS else None
+        self.hosts = hosts
+        self.role = role
+        bp = r.policy.breaker
+        self.breakers: dict[Host, CircuitBreaker | None] = {
+            h: CircuitBreaker(f"{r.name}@{h}", bp, clock=clock) if bp.enabled else None
+            for h in hosts
+        }
+        self.roles: dict[Host, str] = {}
+        self.current: Host | None = None
+        self.switches = 0
+        self._lock = threading.Lock()
+        # id(DBAPI connection) -> its host, from do_connect until the pool's connect event
+        self._fresh: dict[int, Host] = {}
+        self._targets = {h: dataclasses.replace(r.target, host=h.host, port=h.port) for h in hosts}
+
+    # -- choosing a host --------------------------------------------------------------
+
+    def order(self) -> list[Host]:
+        """The hosts in the order the next connect tries them."""
+        with self._lock:
+            current, roles = self.current, dict(self.roles)
+        want = STANDBY if self.role == "prefer-standby" else PRIMARY
+
+        def rank(h: Host) -> int:
+            if h == current:
+                return 0
+            seen = roles.get(h)
+            if self.role == "any" or seen == want:
+                return 1
+            return 2 if seen is None else 3
+
+        return sorted(self.hosts, key=rank)
+
+    def target(self, host: Host) -> Target:
+        """The :class:`Target` of one host (for classification and error contexts)."""
+        return self._targets[host]
+
+    def connect(
+        self,
+        dialect: Any,
+        cargs: Any,
+        cparams: dict[str, Any],
+        open_: Callable[[Any, Any, dict[str, Any]], Any],
+    ) -> Any:
+        """One engine-level connect attempt: the first host that fits, in :meth:`order`."""
+        params = {k: v for k, v in cparams.items() if k != "target_session_attrs"}
+        outcomes: list[str] = []
+        last_error: BaseException | None = None
+        wrong_role = False
+        fallback: tuple[Host, Any] | None = None
+        for host in self.order():
+            b = self.breakers[host]
+            probe = 0
+            if b is not None:
+                try:
+                    probe = b.before_call()
+                except Rejected:
+                    outcomes.append(f"{host} skipped (its breaker is open)")
+                    continue
+            conn = None
+            try:
+                conn = open_(dialect, cargs, {**params, "host": host.host, "port": host.port})
+                seen = None if self.role == "any" else self._probe(conn)
+            except BaseException as e:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                if isinstance(e, _EXIT) or not isinstance(e, Exception):
+                    if b is not None:
+                        b.release(probe)
+                    self._close(fallback)
+                    raise
+                c = classify(e, phase="connect", target=self.target(host))
+                if b is not None:
+                    if c.counts_for_breaker:
+                        b.record_failure(c.diagnosis, probe)
+                    else:
+                        b.release(probe)
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(e, TARGET_ATTR, self.target(host))
+                outcomes.append(f"{host} {c.kind.value}")
+                last_error = e
+                continue
+            if b is not None:
+                b.record_success(probe)
+            if seen is not None:
+                with self._lock:
+                    self.roles[host] = seen
+            if self.role == "any" or (seen == STANDBY) == (self.role == "prefer-standby"):
+                self._close(fallback)
+                return self._chosen(host, conn)
+            if self.role == "prefer-standby" and fallback is None:
+                fallback = (host, conn)  # a primary serves reads when no standby is up
+                continue
+            wrong_role = True
+            outcomes.append(f"{host} is a {seen}")
+            with contextlib.suppress(Exception):
+                conn.close()
+        if fallback is not None:
+            return self._chosen(*fallback)
+        raise self._no_host(outcomes, last_error, wrong_role)
+
+    def _probe(self, conn: Any) -> str:
+        limit = self.check_limit
+        if limit is None:
+            return probe_role(conn, self.backend)
+        slot = WATCHDOG.slot(lambda: socket_fileno(getattr(conn, "driver_connection", conn)))
+        slot.deadline = time.monotonic() + limit
+        try:
+            return probe_role(conn, self.backend)
+        finally:
+            slot.deadline = 0.0
+
+    def _close(self, pair: tuple[Host, Any] | None) -> None:
+        if pair is not None:
+            with contextlib.suppress(Exception):
+                pair[1].close()
+
+    def _chosen(self, host: Host, conn: Any) -> Any:
+        with self._lock:
+            previous = self.current
+            self.current = host
+            if previous is not None and previous != host:
+                self.switches += 1
+            self._fresh[id(conn)] = host
+        if previous is not None and previous != host:
+            logger.warning(
+                "Engine '%s' moved from %s to %s (role %s).",
+                self.r.name,
+                previous,
+                host,
+                self.role,
+                extra={
+                    "resilient_db": {
+                        "event": "failover",
+                        "engine": self.r.name,
+                        "from": str(previous),
+                        "to": str(host),
+                        "role": self.role,
+                    }
+                },
+            )
+        return conn
+
+    def _no_host(
+        self, outcomes: list[str], last_error: BaseException | None, wrong_role: bool
+    ) -> BaseException:
+        tried = ", ".join(outcomes)
+        everywhere = dataclasses.replace(
+            self.r.target, host=",".join(str(h) for h in self.hosts), port=None
+        )
+        if wrong_role:
+            template = _RULES[Kind.READ_ONLY][2]
+            c = Classification(
+                Kind.READ_ONLY, RetryLevel.CONNECT, True, None, _format(template, everywhere)
+            )
+            ctx = self._context(c, everywhere, "read_only", RetryLevel.CONNECT)
+            err = NoPrimaryError(
+                f"Engine '{self.r.name}': no host accepts writes ({tried}). A failover is in "
+                "progress or the primary is down; connecting is retried.",
+                ctx,
+            )
+            setattr(err, TARGET_ATTR, everywhere)
+            return err
+        if last_error is not None:
+            if len(outcomes) > 1:
+                note = f"resilient_db failover: tried {tried}"
+                with contextlib.suppress(Exception):
+                    last_error.__notes__ = [*getattr(last_error, "__notes__", ()), note]  # type: ignore[attr-defined,unused-ignore]
+            return last_error
+        c = classify(CircuitOpenError("open"), target=everywhere)
+        ctx = self._context(c, everywhere, "circuit_open", RetryLevel.NEVER)
+        rejected = CircuitOpenError(
+            f"Engine '{self.r.name}': every host's circuit breaker is open ({tried}).", ctx
+        )
+        setattr(rejected, TARGET_ATTR, everywhere)
+        return rejected
+
+    def _context(self, c: Classification, t: Target, kind: str, retry: RetryLevel) -> ErrorContext:
+        return ErrorContext(
+            engine=self.r.name,
+            dialect=t.dialect,
+            driver=t.driver,
+            host=t.host,
+            port=t.port,
+            database=t.database,
+            user=t.user,
+            phase="connect",
+            code=c.code,
+            kind=kind,
+            retry=retry.value,
+            diagnosis=c.diagnosis,
+        )
+
+    # -- after connect and on errors ----------------------------------------------------
+
+    def on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        """Pool ``connect`` listener: remember the connection's host in its record."""
+        with self._lock:
+            host = self._fresh.pop(id(dbapi_connection), None)
+        if host is not None:
+            record.info[_HOST_KEY] = host
+
+    def host_of(self, connection: Any) -> Host | None:
+        """The host a Connection (or pooled connection) is connected to, if known."""
+        try:
+            host = connection.info.get(_HOST_KEY)
+        except Exception:
+            return None
+        return host if isinstance(host, Host) else None
+
+    def target_of(self, connection: Any) -> Target:
+        """The :class:`Target` of a connection's host (the engine's when unknown)."""
+        host = self.host_of(connection) if connection is not None else None
+        return self.target(host) if host is not None else self.r.target
+
+    def refused_write(self, ctx: Any, c: Classification) -> Classification:
+        """``handle_error`` saw READ_ONLY: the primary moved. Re-route and re-classify.
+
+        Marks the host a standby, makes SQLAlchemy discard the connection, and
+        the whole pool when that host was the one in use, so the next checkout
+        connects to the new primary; the unit of work may then be re-run.
+        """
+        if self.role != "primary":
+            return c
+        host = self.host_of(ctx.connection) if ctx.connection is not None else None
+        with self._lock:
+            was_current = host is None or host == self.current
+            if host is not None:
+                self.roles[host] = STANDBY
+            if was_current:
+                self.current = None
+        ctx.is_disconnect = True
+        ctx.invalidate_pool_on_disconnect = was_current
+        others = ", ".join(str(h) for h in self.hosts if h != host)
+        return dataclasses.replace(
+            c,
+            retry=RetryLevel.TRANSACTION,
+            diagnosis=f"{c.diagnosis} The pool was invalidated; the next connection goes to "
+            f"whichever of {others} is now primary, and the unit of work can be re-run.",
+        )
+
+    def select(self, engine: Engine, connect_args: dict[str, Any]) -> Host:
+        """One pass over the hosts, outside the pool: the host new connections would use.
+
+        For the startup check, which validates one server; the first host when
+        none fits (the check then reports why).
+        """
+        dialect = engine.dialect
+        cargs, cparams = dialect.create_connect_args(engine.url)
+        try:
+            conn = self.connect(dialect, cargs, {**cparams, **connect_args}, self.r._open)
+        except Exception:
+            return self.hosts[0]
+        with self._lock:
+            self._fresh.pop(id(conn), None)
+        with contextlib.suppress(Exception):
+            conn.close()
+        return self.current or self.hosts[0]
+
+    def status(self) -> tuple[HostStatus, ...]:
+        """A snapshot of every host, in configured order."""
+        with self._lock:
+            current, roles = self.current, dict(self.roles)
+        out = []
+        for h in self.hosts:
+            b = self.breakers[h]
+            out.append(
+                HostStatus(h.host, h.port, roles.get(h), h == current, b.snapshot() if b else None)
+            )
+        return tuple(out)
+
+
+def attach(engine: Engine, r: Resilience, hosts: tuple[Host, ...], role: Role) -> Failover:
+    """Make ``r`` (attached to ``engine``) choose among ``hosts`` on every connect."""
+    backend, driver = engine.url.get_backend_name(), engine.dialect.driver
+    fo = Failover(r, backend, hosts, role, clock=r.clock, driver=driver)
+    r.failover = fo
+    event.listen(engine, "connect", fo.on_connect)
+    return fo
+
+
+def hosts_of(engine: Any) -> tuple[HostStatus, ...]:
+    """The hosts of a multi-host engine with their last seen role and breaker.
+
+    Raises :class:`~resilient_db.ConfigurationError` for a single-host engine.
+    """
+    from .engine import resilience_of
+
+    fo = resilience_of(engine).failover
+    if fo is None:
+        raise ConfigurationError(
+            "engine", "has a single host.", "Create it with hosts=[...] to use failover."
+        )
+    assert isinstance(fo, Failover)
+    return fo.status()
