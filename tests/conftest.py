@@ -89,5 +89,6 @@ def server_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def redis_url() -> str:
     """URL of the shared Redis."""
-    require("127.0.0.1", 6379, "Redis")
+    u = sa.make_url(REDIS_URL)
+    require(u.host or "127.0.0.1", u.port or 6379, "Redis")
     return REDIS_URL

@@ -699,6 +699,47 @@ async def test_failed_probe_reopens(async_server_url: str, proxy: FaultProxy) ->
     await engine.dispose()
 
 
+# -- health_async ------------------------------------------------------------------------
+
+
+async def test_concurrent_health_pings_share_one_checkout(sqlite_url: str) -> None:
+    """Concurrent health_async(ping=True) calls await one ping: one checkout, one verdict."""
+    engine = resilient_db.create_async_engine(to_async(sqlite_url, "aiosqlite"), policy=policy())
+    checkouts: list[int] = []
+    sa.event.listen(engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    try:
+        snaps = await asyncio.gather(
+            *(resilient_db.health_async(engine, ping=True, timeout=5.0) for _ in range(3))
+        )
+        shared = len(checkouts)
+        await resilient_db.health_async(engine, ping=True, timeout=5.0)  # after: a new ping
+        assert ([True, True, True], 1, 2) == ([s.ping_ok for s in snaps], shared, len(checkouts))
+    finally:
+        await engine.dispose()
+
+
+async def test_health_ping_joined_while_silent_makes_one_connect(pg_url: str) -> None:
+    """Against a silent server a second caller joins the ping in flight: one connect attempt."""
+    u = sa.make_url(to_async(pg_url, "asyncpg"))
+    with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as p:
+        p.blackhole()
+        engine = resilient_db.create_async_engine(via(str(u), p), policy=policy(connect=2.0))
+        try:
+            first, second = await asyncio.gather(
+                resilient_db.health_async(engine, ping=True, timeout=0.2),
+                resilient_db.health_async(engine, ping=True, timeout=1.0),
+            )
+            attempts = resilience_of(engine).connect_attempts
+        finally:
+            await engine.dispose()
+    expected = ("ping failed: no answer within 0.2s",)
+    assert ((False, expected), (False, expected), 1) == (
+        (first.ping_ok, first.reasons),
+        (second.ping_ok, second.reasons),
+        attempts,
+    )
+
+
 # -- secrets -----------------------------------------------------------------------------
 
 

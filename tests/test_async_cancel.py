@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -44,25 +46,66 @@ async def admin(async_server_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-async def cancel_while_running(coro: Any, *, after: float = 0.2) -> None:
-    """Start ``coro`` as a task, cancel it after ``after`` s and check it ends cancelled."""
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
+    """Poll ``check`` until it is true or ``timeout`` s have passed; return whether it was."""
+    end = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def queries_running(
+    admin: AsyncEngine, url: str, tag: str, n: int = 1
+) -> Callable[[], Awaitable[bool]]:
+    """A check: at least ``n`` statements containing ``tag`` are executing on the server."""
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+        "AND pid <> pg_backend_pid() AND query LIKE :tag"
+        if is_pg(url)
+        else "SELECT count(*) FROM information_schema.processlist WHERE command = 'Query' "
+        "AND id <> CONNECTION_ID() AND info LIKE :tag"
+    )
+
+    async def check() -> bool:
+        async with admin.connect() as a:  # a new transaction: a fresh pg_stat_activity
+            return int((await a.execute(sa.text(sql), {"tag": f"%{tag}%"})).scalar_one()) >= n
+
+    return check
+
+
+def connect_in_flight(proxy: FaultProxy) -> Callable[[], Awaitable[bool]]:
+    """A check: the proxy has accepted a new connection (the client awaits the greeting)."""
+    before = proxy.connections_total
+
+    async def check() -> bool:
+        return proxy.connections_total > before
+
+    return check
+
+
+async def cancel_while_running(coro: Any, running: Callable[[], Awaitable[bool]]) -> None:
+    """Start ``coro`` as a task, cancel it once ``running`` says so, check it ends cancelled."""
     task = asyncio.ensure_future(coro)
-    await asyncio.sleep(after)
+    started = await wait_for(running)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert started, "the call never got under way"
 
 
-async def test_cancelled_query_is_not_a_failure(async_server_url: str) -> None:
+async def test_cancelled_query_is_not_a_failure(async_server_url: str, admin: AsyncEngine) -> None:
     """A query cancelled mid-flight leaves a threshold-1 breaker closed and the pool healthy."""
     engine = resilient_db.create_async_engine(async_server_url, policy=policy(threshold=1, call=5))
     r = resilience_of(engine)
+    tag = f"rdb_cancel_{uuid.uuid4().hex[:10]}"
 
     async def slow() -> None:
         async with engine.connect() as c:
-            await c.execute(sa.text(sleep_sql(async_server_url, 3)))
+            await c.execute(sa.text(f"{sleep_sql(async_server_url, 3)} /* {tag} */"))
 
-    await cancel_while_running(slow())
+    await cancel_while_running(slow(), queries_running(admin, async_server_url, tag))
     snap = breaker_of(engine).snapshot()
     assert (CLOSED, 0, None) == (snap.state, snap.failures, r.last_error)
     assert 0 == engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
@@ -79,7 +122,7 @@ async def test_cancelled_connect_is_not_counted_or_retried(
     )
     r = resilience_of(engine)
     proxy.blackhole()
-    await cancel_while_running(select_one(engine))
+    await cancel_while_running(select_one(engine), connect_in_flight(proxy))
     assert (1, 0, CLOSED) == (r.connect_attempts, breaker_of(engine).failures, r.breaker.state)  # type: ignore[union-attr]
     pool = engine.sync_engine.pool
     assert (0, -pool.size()) == (pool.checkedout(), pool.overflow())  # type: ignore[attr-defined]
@@ -111,7 +154,7 @@ async def test_cancelled_half_open_probe_frees_its_slot(
             await select_one(engine)
     clock.advance(5.0)
     proxy.blackhole()
-    await cancel_while_running(select_one(engine))
+    await cancel_while_running(select_one(engine), connect_in_flight(proxy))
     assert (HALF_OPEN, 0, 0) == (b.state, b.snapshot().probes_in_flight, b.rejected)
     proxy.passthrough()
     assert 1 == await select_one(engine)  # admitted as the probe, and it closes the breaker
@@ -131,6 +174,7 @@ async def test_cancelling_100_tasks_mid_query_leaks_nothing(
     r = resilience_of(engine)
     pg = is_pg(async_server_url)
     sessions: set[int] = set()
+    tag = f"rdb_cancel100_{uuid.uuid4().hex[:10]}"
 
     @event.listens_for(engine.sync_engine, "connect")
     def remember(dbapi_connection: Any, record: Any) -> None:
@@ -141,7 +185,7 @@ async def test_cancelling_100_tasks_mid_query_leaks_nothing(
 
     async def sleeper() -> None:
         async with engine.connect() as c:
-            await c.execute(sa.text(sleep_sql(async_server_url, 1)))
+            await c.execute(sa.text(f"{sleep_sql(async_server_url, 1)} /* {tag} */"))
 
     tasks = [asyncio.create_task(sleeper()) for _ in range(100)]
     for _ in range(500):  # until 10 are in the database and 90 wait for the pool
@@ -149,7 +193,8 @@ async def test_cancelling_100_tasks_mid_query_leaks_nothing(
             break
         await asyncio.sleep(0.01)
     assert (10, 90) == (sync_pool.checkedout(), r.waiting)  # type: ignore[attr-defined]
-    await asyncio.sleep(0.1)  # let the 10 queries reach the server
+    # the 10 queries are executing on the server
+    assert await wait_for(queries_running(admin, async_server_url, tag, n=10))
     for t in tasks:
         t.cancel()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import queue
+import sys
 import threading
+import types
 from typing import Any
 
 import pybreaker
 import pytest
 
-from resilient_db import BreakerPolicy, CircuitBreaker
+from resilient_db import BreakerPolicy, CircuitBreaker, breaker
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN, Rejected
 
 
@@ -320,3 +323,46 @@ def test_snapshot_to_dict() -> None:
         d["consecutive_failures"],
         d["last_failure"],
     )
+
+
+def test_rejections_counted_concurrently_are_never_lost() -> None:
+    """Another thread rejected between any two bytecodes of a rejection: no count is lost."""
+    cb = make()
+    trip(cb)
+    requests: queue.Queue[threading.Event | None] = queue.Queue()
+
+    def other() -> None:
+        while (done := requests.get()) is not None:
+            with contextlib.suppress(Rejected):
+                cb.before_call()
+            done.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    interleaved = 0
+
+    def step(frame: types.FrameType, event: str, arg: Any) -> Any:
+        nonlocal interleaved
+        if event == "opcode":  # let the other thread run one whole before_call now
+            done = threading.Event()
+            requests.put(done)
+            done.wait(0.05)  # it may be blocked on a lock this thread holds
+            interleaved += 1
+        return step
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != breaker.__file__:
+            return None
+        frame.f_trace_opcodes = True
+        return step
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with contextlib.suppress(Rejected):
+            cb.before_call()
+    finally:
+        sys.settrace(previous)
+        requests.put(None)
+        worker.join()
+    assert 1 + interleaved == cb.rejected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 
 import pymysql
 import pytest
@@ -163,3 +164,18 @@ def test_transient_follows_retry_level() -> None:
         for k, r in ((Kind.REFUSED, RetryLevel.CONNECT), (Kind.DEADLOCK, RetryLevel.TRANSACTION))
     ] + [Classification(Kind.UNKNOWN, RetryLevel.NEVER, False, None, "").transient]
     assert [True, True, False] == verdicts
+
+
+def test_python_level_error_is_typed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown socket error is looked at by type once, and stays UNKNOWN."""
+    classify_module = importlib.import_module("resilient_db.classify")
+    calls: list[BaseException] = []
+    by_type = classify_module._kind_from_type
+
+    def counting(exc: BaseException, phase: str | None) -> Kind | None:
+        calls.append(exc)
+        return by_type(exc, phase)
+
+    monkeypatch.setattr(classify_module, "_kind_from_type", counting)
+    c = classify(OSError(5, "odd"), phase="execute")
+    assert (Kind.UNKNOWN, 1) == (c.kind, len(calls))

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,41 @@ def env_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def pg_sentinel(throwaway_pg: PgServer) -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL login whose real password is SENTINEL: (role, URL)."""
+    role = f"rdb_sentinel_{uuid.uuid4().hex[:10]}"
+    throwaway_pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{SENTINEL}';")
+    try:
+        yield role, throwaway_pg.url(role, SENTINEL, "app")
+    finally:
+        throwaway_pg.psql(f"DROP ROLE IF EXISTS {role};")
+
+
+@pytest.fixture
+def mariadb_sentinel(throwaway_mariadb: MariaServer) -> Iterator[tuple[str, str]]:
+    """A throwaway MariaDB account whose real password is SENTINEL: (account, URL)."""
+    user = f"rdb_sentinel_{uuid.uuid4().hex[:10]}"
+    account = f"'{user}'@'127.0.0.1'"
+    throwaway_mariadb.sql(
+        f"CREATE USER {account} IDENTIFIED BY '{SENTINEL}'; GRANT ALL ON test.* TO {account};"
+    )
+    try:
+        yield account, throwaway_mariadb.url(user, SENTINEL, "test")
+    finally:
+        throwaway_mariadb.sql(f"DROP USER IF EXISTS {account};")
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def sentinel_url(request: pytest.FixtureRequest) -> str:
+    """A server URL whose password is SENTINEL and that logs in: shared PostgreSQL (trust,
+    the password is ignored) and a throwaway MariaDB account (root has no password)."""
+    if request.param == "postgresql":
+        return with_password(str(request.getfixturevalue("pg_url")))
+    _, url = request.getfixturevalue("mariadb_sentinel")
+    return str(url)
+
+
 # --------------------------------------------------------------------------- network layer
 
 
@@ -96,7 +132,7 @@ def test_blackholed_port(capsys: pytest.CaptureFixture[str], server_url: str) ->
         status, out, report = check(capsys, url, "--deadline", "2.5")
         elapsed = time.monotonic() - t
     assert (2, "RDB205") == (status, root(report))
-    assert elapsed < 2.5 + 0.3
+    assert elapsed < 2.5 + 1.5  # bounded (not a speed claim): slack for a loaded 2-core box
     assert "greeting" in out
 
 
@@ -106,7 +142,7 @@ def test_blackholed_host(capsys: pytest.CaptureFixture[str], pg_url: str, silent
     status, _, report = check(capsys, with_password(pg_url, port=silent_port), "--deadline", "2")
     elapsed = time.monotonic() - t
     assert (2, "RDB203") == (status, root(report))
-    assert elapsed < 2 + 0.3
+    assert elapsed < 2 + 1.5  # bounded (not a speed claim): slack for a loaded 2-core box
 
 
 def test_tls_required_but_not_offered(capsys: pytest.CaptureFixture[str], server_url: str) -> None:
@@ -176,69 +212,65 @@ def test_unknown_database_mariadb(
 
 
 def test_pool_larger_than_server_allows(
-    capsys: pytest.CaptureFixture[str], server_url: str
+    capsys: pytest.CaptureFixture[str], sentinel_url: str
 ) -> None:
-    """--instances large enough to exceed max_connections is RDB402."""
-    status, _, report = check(capsys, server_url, "--instances", "60")
+    """--instances large enough to exceed max_connections is RDB402 (password never shown)."""
+    status, _, report = check(capsys, sentinel_url, "--instances", "60")
     assert (2, "RDB402") == (status, root(report))
 
 
 @pytest.mark.postgres
 def test_too_many_connections_pg(
-    capsys: pytest.CaptureFixture[str], throwaway_pg: PgServer
+    capsys: pytest.CaptureFixture[str], throwaway_pg: PgServer, pg_sentinel: tuple[str, str]
 ) -> None:
     """A role with no connection slot left is refused at connect: RDB401."""
-    throwaway_pg.psql(f"ALTER ROLE {APP_USER} CONNECTION LIMIT 0;")
-    try:
-        status, _, report = check(capsys, throwaway_pg.url(APP_USER, APP_PASSWORD, "app"))
-    finally:
-        throwaway_pg.psql(f"ALTER ROLE {APP_USER} CONNECTION LIMIT -1;")
+    role, url = pg_sentinel
+    throwaway_pg.psql(f"ALTER ROLE {role} CONNECTION LIMIT 0;")
+    status, _, report = check(capsys, url)
     assert (2, "RDB401") == (status, root(report))
 
 
 @pytest.mark.mariadb
 def test_too_many_connections_mariadb(
-    capsys: pytest.CaptureFixture[str], throwaway_mariadb: MariaServer
+    capsys: pytest.CaptureFixture[str],
+    throwaway_mariadb: MariaServer,
+    mariadb_sentinel: tuple[str, str],
 ) -> None:
     """A MariaDB user at its MAX_USER_CONNECTIONS is refused (1226): RDB401."""
-    grant = f"GRANT USAGE ON *.* TO '{APP_USER}'@'127.0.0.1' WITH MAX_USER_CONNECTIONS"
-    throwaway_mariadb.sql(f"{grant} 1;")
-    holder = sa.create_engine(
-        throwaway_mariadb.url(APP_USER, APP_PASSWORD, "test"), poolclass=sa.pool.NullPool
-    )
+    account, url = mariadb_sentinel
+    throwaway_mariadb.sql(f"GRANT USAGE ON *.* TO {account} WITH MAX_USER_CONNECTIONS 1;")
+    holder = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with holder.connect():
-            status, _, report = check(capsys, throwaway_mariadb.url(APP_USER, APP_PASSWORD))
+            status, _, report = check(capsys, url)
     finally:
-        throwaway_mariadb.sql(f"{grant} 0;")
         holder.dispose()
     assert (2, "RDB401") == (status, root(report))
 
 
 @pytest.mark.postgres
 def test_read_only_server_for_read_write_policy(
-    capsys: pytest.CaptureFixture[str], throwaway_pg: PgServer
+    capsys: pytest.CaptureFixture[str], throwaway_pg: PgServer, pg_sentinel: tuple[str, str]
 ) -> None:
     """A read-only PostgreSQL role session for a read-write policy is RDB305; read-only is ok."""
-    throwaway_pg.psql(f"ALTER ROLE {APP_USER} SET default_transaction_read_only = on;")
-    url = throwaway_pg.url(APP_USER, APP_PASSWORD, "app")
-    try:
-        status, _, report = check(capsys, url)
-        ro_status, _, ro_report = check(capsys, url, "--access", "read-only")
-    finally:
-        throwaway_pg.psql(f"ALTER ROLE {APP_USER} RESET default_transaction_read_only;")
+    role, url = pg_sentinel
+    throwaway_pg.psql(f"ALTER ROLE {role} SET default_transaction_read_only = on;")
+    status, _, report = check(capsys, url)
+    ro_status, _, ro_report = check(capsys, url, "--access", "read-only")
     assert (2, "RDB305") == (status, root(report))
     assert (0, None) == (ro_status, root(ro_report))
 
 
 @pytest.mark.mariadb
 def test_read_only_mariadb(
-    capsys: pytest.CaptureFixture[str], throwaway_mariadb: MariaServer
+    capsys: pytest.CaptureFixture[str],
+    throwaway_mariadb: MariaServer,
+    mariadb_sentinel: tuple[str, str],
 ) -> None:
     """MariaDB with read_only=ON for a read-write policy is RDB305."""
     throwaway_mariadb.set_global(read_only=1)
     try:
-        status, _, report = check(capsys, throwaway_mariadb.url(APP_USER, APP_PASSWORD))
+        status, _, report = check(capsys, mariadb_sentinel[1])
     finally:
         throwaway_mariadb.set_global(read_only=0)
     assert (2, "RDB305") == (status, root(report))
@@ -248,12 +280,12 @@ def test_read_only_mariadb(
 
 
 def test_pool_recycle_longer_than_wait_timeout_json_policy(
-    capsys: pytest.CaptureFixture[str], mariadb_url: str, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], mariadb_sentinel: tuple[str, str], tmp_path: Path
 ) -> None:
     """A JSON policy with pool.recycle above MariaDB's wait_timeout is RDB504."""
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"pool": {"recycle": 100000}}))
-    status, _, report = check(capsys, mariadb_url, "--policy", str(policy))
+    status, _, report = check(capsys, mariadb_sentinel[1], "--policy", str(policy))
     assert (2, "RDB504") == (status, root(report))
     assert isinstance(report, dict)
     assert "pool.recycle" == report["root_cause"]["field"]
@@ -261,16 +293,17 @@ def test_pool_recycle_longer_than_wait_timeout_json_policy(
 
 def test_pool_recycle_from_toml_policy_and_env(
     capsys: pytest.CaptureFixture[str],
-    mariadb_url: str,
+    mariadb_sentinel: tuple[str, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same fault from a TOML policy, and from RESILIENT_DB_POOL_RECYCLE without one."""
+    url = mariadb_sentinel[1]
     policy = tmp_path / "policy.toml"
     policy.write_text("[resilient_db.pool]\nrecycle = 100000\n")
-    toml_status, _, toml_report = check(capsys, mariadb_url, "--policy", str(policy))
+    toml_status, _, toml_report = check(capsys, url, "--policy", str(policy))
     monkeypatch.setenv("RESILIENT_DB_POOL_RECYCLE", "100000")
-    env_status, _, env_report = check(capsys, mariadb_url)
+    env_status, _, env_report = check(capsys, url)
     assert (2, "RDB504", 2, "RDB504") == (
         toml_status,
         root(toml_report),

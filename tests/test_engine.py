@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pickle
 import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,74 +16,99 @@ import resilient_db
 from resilient_db.engine import driver_defaults, resilience_of
 
 
-class Base(DeclarativeBase):
-    pass
+@pytest.fixture
+def dispose() -> Iterator[Callable[[sa.Engine], sa.Engine]]:
+    """Register an engine; it is disposed when the test ends, passed or failed."""
+    engines: list[sa.Engine] = []
+
+    def track(engine: sa.Engine) -> sa.Engine:
+        engines.append(engine)
+        return engine
+
+    yield track
+    for engine in engines:
+        engine.dispose()
 
 
-class Item(Base):
-    __tablename__ = "rdb_engine_items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(50))
+def _item_model() -> tuple[type[DeclarativeBase], Any]:
+    """A fresh declarative base and mapped class on a table named uniquely for this test."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = f"rdb_engine_items_{uuid.uuid4().hex[:12]}"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(sa.String(50))
+
+    return Base, Item
 
 
-def test_create_engine_returns_a_real_engine(sqlite_url: str) -> None:
+def test_create_engine_returns_a_real_engine(
+    sqlite_url: str, dispose: Callable[[sa.Engine], sa.Engine]
+) -> None:
     """The object handed back is a sqlalchemy.Engine, not a proxy."""
-    engine = resilient_db.create_engine(sqlite_url, validate="off")
+    engine = dispose(resilient_db.create_engine(sqlite_url, validate="off"))
     assert isinstance(engine, sa.Engine)
     assert type(engine) is sa.Engine
 
 
 def test_core_and_orm_round_trips(any_url: str) -> None:
     """Core and ORM round-trips work unchanged on SQLite, PostgreSQL and MariaDB."""
+    Base, Item = _item_model()
+    table = Item.__tablename__
     engine = resilient_db.create_engine(any_url, validate="off")
     try:
-        Base.metadata.drop_all(engine)
         Base.metadata.create_all(engine)
         with Session(engine) as session, session.begin():
             session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
         with engine.begin() as conn:
             names = conn.execute(sa.select(Item.name).order_by(Item.id)).scalars().all()
         assert ["a", "b"] == names
-        assert "rdb_engine_items" in sa.inspect(engine).get_table_names()
+        assert table in sa.inspect(engine).get_table_names()
         engine.dispose()  # the resilient pool survives dispose()
         with engine.connect() as conn:
-            assert 2 == conn.execute(sa.text("SELECT COUNT(*) FROM rdb_engine_items")).scalar()
+            assert 2 == conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
         assert type(engine.pool).__name__.startswith("Resilient")
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()
 
 
-def test_wrap_returns_the_same_engine(sqlite_url: str) -> None:
+def test_wrap_returns_the_same_engine(
+    sqlite_url: str, dispose: Callable[[sa.Engine], sa.Engine]
+) -> None:
     """wrap() attaches resilience to the engine it is given and returns it."""
-    raw = sa.create_engine(sqlite_url)
+    raw = dispose(sa.create_engine(sqlite_url))
     assert raw is resilient_db.wrap(raw, name="orders")
     assert "orders" == resilience_of(raw).name
     with raw.connect() as conn:
         assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
 
 
-def test_wrap_twice_is_an_error(sqlite_url: str) -> None:
+def test_wrap_twice_is_an_error(sqlite_url: str, dispose: Callable[[sa.Engine], sa.Engine]) -> None:
     """Wrapping an engine twice is refused with a ConfigurationError."""
-    raw = resilient_db.wrap(sa.create_engine(sqlite_url))
+    raw = dispose(resilient_db.wrap(sa.create_engine(sqlite_url)))
     with pytest.raises(resilient_db.ConfigurationError) as info:
         resilient_db.wrap(raw)
     assert "engine" == info.value.field
 
 
-def test_policy_of_returns_the_policy(sqlite_url: str) -> None:
+def test_policy_of_returns_the_policy(
+    sqlite_url: str, dispose: Callable[[sa.Engine], sa.Engine]
+) -> None:
     """policy_of() exposes the policy the engine runs with."""
     policy = resilient_db.Policy(pool=resilient_db.PoolPolicy(size=3))
-    engine = resilient_db.create_engine(sqlite_url, policy=policy, validate="off")
+    engine = dispose(resilient_db.create_engine(sqlite_url, policy=policy, validate="off"))
     assert policy == resilient_db.policy_of(engine)
     assert 3 == engine.pool.size()  # type: ignore[attr-defined]
     assert policy == resilient_db.policy_of(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
-def test_postgres_defaults_applied(pg_url: str) -> None:
+def test_postgres_defaults_applied(pg_url: str, dispose: Callable[[sa.Engine], sa.Engine]) -> None:
     """psycopg gets a finite connect timeout, statement timeout and application_name."""
     policy = resilient_db.Policy(timeouts=resilient_db.Timeouts(connect=3, statement=12))
-    engine = resilient_db.create_engine(pg_url, policy=policy, validate="off")
+    engine = dispose(resilient_db.create_engine(pg_url, policy=policy, validate="off"))
     with engine.connect() as conn:
         assert "12s" == conn.execute(sa.text("SHOW statement_timeout")).scalar()
         assert "resilient-db" == conn.execute(sa.text("SHOW application_name")).scalar()
@@ -89,9 +117,11 @@ def test_postgres_defaults_applied(pg_url: str) -> None:
     assert 2.0 == engine.pool.timeout()  # type: ignore[attr-defined]
 
 
-def test_mysql_defaults_applied(mariadb_url: str) -> None:
+def test_mysql_defaults_applied(
+    mariadb_url: str, dispose: Callable[[sa.Engine], sa.Engine]
+) -> None:
     """PyMySQL gets connect and read timeouts and pool_recycle below wait_timeout."""
-    engine = resilient_db.create_engine(mariadb_url, validate="off")
+    engine = dispose(resilient_db.create_engine(mariadb_url, validate="off"))
     args = driver_defaults(engine.url, resilient_db.DEFAULT_POLICY)
     assert (5, 35) == (args["connect_timeout"], args["read_timeout"])
     assert 1800 == engine.pool._recycle  # type: ignore[attr-defined]
@@ -99,17 +129,34 @@ def test_mysql_defaults_applied(mariadb_url: str) -> None:
         assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
 
 
-def test_caller_kwargs_win(pg_url: str) -> None:
+def test_caller_kwargs_win(pg_url: str, dispose: Callable[[sa.Engine], sa.Engine]) -> None:
     """Explicit SQLAlchemy arguments and connect_args override the defaults."""
-    engine = resilient_db.create_engine(
-        pg_url,
-        validate="off",
-        pool_size=2,
-        connect_args={"application_name": "billing"},
+    engine = dispose(
+        resilient_db.create_engine(
+            pg_url,
+            validate="off",
+            pool_size=2,
+            connect_args={"application_name": "billing"},
+        )
     )
     assert 2 == engine.pool.size()  # type: ignore[attr-defined]
     with engine.connect() as conn:
         assert "billing" == conn.execute(sa.text("SHOW application_name")).scalar()
+
+
+def test_caller_libpq_options_win_over_the_policy(
+    pg_url: str, dispose: Callable[[sa.Engine], sa.Engine]
+) -> None:
+    """A statement_timeout in the caller's libpq options overrides the policy's."""
+    engine = dispose(
+        resilient_db.create_engine(
+            pg_url,
+            validate="off",
+            connect_args={"options": "-c statement_timeout=120000"},
+        )
+    )
+    with engine.connect() as conn:
+        assert "2min" == conn.execute(sa.text("SHOW statement_timeout")).scalar()
 
 
 @pytest.mark.parametrize(
@@ -225,10 +272,14 @@ def test_exception_tree_keeps_sqlalchemy_types() -> None:
     assert issubclass(resilient_db.ConfigurationError, sa.exc.ArgumentError)
 
 
-def test_refused_connect_carries_context_and_note() -> None:
+def test_refused_connect_carries_context_and_note(
+    dispose: Callable[[sa.Engine], sa.Engine],
+) -> None:
     """A refused connection keeps its SQLAlchemy type and gains context and a note."""
-    engine = resilient_db.create_engine(
-        "postgresql+psycopg://app@127.0.0.1:1/shop", name="shop", validate="off"
+    engine = dispose(
+        resilient_db.create_engine(
+            "postgresql+psycopg://app@127.0.0.1:1/shop", name="shop", validate="off"
+        )
     )
     with pytest.raises(sa.exc.OperationalError) as info:
         engine.connect()

@@ -212,6 +212,160 @@ async def test_async_engine_with_libpq_url(pg_url: str) -> None:
         await engine.dispose()
 
 
+# -- async engines: the same host lists -------------------------------------------------
+
+
+@pytest.fixture(params=["asyncpg", "aiomysql"])
+def async_server_url(request: pytest.FixtureRequest) -> str:
+    """The shared PostgreSQL (asyncpg) and MariaDB (aiomysql) servers, as async URLs."""
+    base, driver = ("pg_url", "postgresql+asyncpg")
+    if request.param == "aiomysql":
+        base, driver = ("mariadb_url", "mysql+aiomysql")
+    url = sa.make_url(str(request.getfixturevalue(base)))
+    return url.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def _server_port_sql(url: sa.URL) -> str:
+    return (
+        "SELECT inet_server_port()" if url.get_backend_name() == "postgresql" else "SELECT @@port"
+    )
+
+
+async def test_async_hosts_keyword_writes_to_the_live_primary(async_server_url: str) -> None:
+    """create_async_engine(hosts=[refused, live], role=...): the write lands on the live host."""
+    u = sa.make_url(async_server_url)
+    dead, live = free_port(), u.port
+    table = f"fo_async_{uuid.uuid4().hex[:8]}"
+    engine = resilient_db.create_async_engine(
+        async_server_url,
+        hosts=[f"127.0.0.1:{dead}", f"{u.host}:{live}"],
+        role="primary",
+        validate="strict",  # checks the host the engine picks: the refused one is no error
+    )
+    sync_driver = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+    admin = sa.create_engine(
+        u.set(drivername=sync_driver[u.get_backend_name()]), poolclass=sa.NullPool
+    )
+    try:
+        async with engine.begin() as conn:
+            port = (await conn.execute(sa.text(_server_port_sql(u)))).scalar_one()
+            await conn.execute(sa.text(f"CREATE TABLE {table} (note VARCHAR(20))"))
+            await conn.execute(sa.text(f"INSERT INTO {table} VALUES ('written')"))
+        with admin.connect() as c:  # the live server itself has the row
+            rows = c.execute(sa.text(f"SELECT note FROM {table}")).scalars().all()
+        first, second = hosts_of(engine)
+        assert first.breaker is not None
+        assert (live, ["written"], (dead, 1, False), ("primary", True)) == (
+            port,
+            rows,
+            (engine.url.port, first.breaker.failures, first.current),
+            (second.role, second.current),
+        )
+        # an error on that connection names the host it is connected to
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT * FROM no_such_table_fo"))
+        ctx = error_context(info.value)
+        assert ctx is not None
+        assert (u.host, live, "application") == (ctx.host, ctx.port, ctx.kind)
+    finally:
+        await engine.dispose()
+        with admin.begin() as c:
+            c.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        admin.dispose()
+
+
+async def test_async_all_hosts_refused_names_the_host_tried(pg_url: str) -> None:
+    """asyncpg: when every host refuses, the error context names the last host tried."""
+    ports = [free_port(), free_port()]
+    url = sa.make_url(pg_url).set(drivername="postgresql+asyncpg")
+    engine = resilient_db.create_async_engine(
+        url, hosts=[f"127.0.0.1:{p}" for p in ports], policy=POLICY
+    )
+    try:
+        with pytest.raises(sa.exc.OperationalError) as info:
+            async with engine.connect():
+                pass
+        ctx = error_context(info.value)
+        assert ctx is not None
+        assert ("refused", "127.0.0.1", ports[1], ("refused", "refused")) == (
+            ctx.kind,
+            ctx.host,
+            ctx.port,
+            ctx.history,
+        )
+    finally:
+        await engine.dispose()
+
+
+async def test_wrap_async_reads_hosts_from_a_libpq_url(pg_url: str) -> None:
+    """wrap_async() of a SQLAlchemy ``?host=a&host=b`` engine names host a, not localhost."""
+    from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
+
+    u = sa.make_url(pg_url)
+    dead, live = free_port(), u.port or 5432
+    url = u._replace(drivername="postgresql+asyncpg", host=None, port=None).set(
+        query={"host": (f"127.0.0.1:{dead}", f"{u.host}:{live}")}
+    )
+    engine = resilient_db.wrap_async(sa_create_async_engine(url), role="any", policy=POLICY)
+    try:
+        r = resilience_of(engine)
+        async with engine.connect() as conn:
+            port = (await conn.execute(sa.text("SELECT inet_server_port()"))).scalar_one()
+        assert (
+            ("127.0.0.1", dead, f"postgresql:127.0.0.1/{u.database}"),
+            live,
+            [None, None],  # role "any": no role check
+        ) == (
+            (engine.url.host, engine.url.port, r.name),
+            port,
+            [h.role for h in hosts_of(engine)],
+        )
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"role": "any"}, "role"),
+        ({"hosts": ["a", "a"]}, "hosts"),
+        ({"hosts": "a", "role": "x"}, "role"),
+    ],
+)
+def test_async_bad_host_configuration(kwargs: dict[str, Any], field: str) -> None:
+    """create_async_engine() rejects a bad host list or role like create_engine() does."""
+    with pytest.raises(ConfigurationError) as info:
+        resilient_db.create_async_engine("postgresql+asyncpg://u@h/db", validate="off", **kwargs)
+    assert field == info.value.field
+
+
+def test_host_label_is_written_on_the_record_being_connected(pg_url: str) -> None:
+    """The chosen host is in the record's info before any pool connect listener runs."""
+    live = sa.make_url(pg_url).port or 5432
+    engine = resilient_db.create_engine(
+        pg_url, hosts=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{live}"], policy=POLICY
+    )
+    seen: list[object] = []
+
+    def connect_listener(dbapi_connection: Any, record: Any) -> None:
+        seen.append(record.info.get("resilient_db.host"))
+        if len(seen) == 1:
+            raise RuntimeError("a session setting failed")
+
+    sa.event.listen(engine, "connect", connect_listener, insert=True)  # runs first
+    try:
+        with pytest.raises(RuntimeError):
+            engine.connect()  # a later connect listener fails: nothing is left behind
+        with pytest.raises(sa.exc.ProgrammingError) as info, engine.connect() as conn:
+            conn.execute(sa.text("SELECT * FROM no_such_table_fo"))
+        ctx = error_context(info.value)
+        assert ctx is not None
+        assert ([Host("127.0.0.1", live)] * 2, live) == (seen, ctx.port)
+    finally:
+        engine.dispose()
+
+
 def test_role_check_of_a_silent_server_is_bounded(pg_url: str) -> None:
     """A server that goes silent after the handshake fails its role check within the limit."""
     u = sa.make_url(pg_url)

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import resilient_db
 from resilient_db.config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
 from resilient_db.engine import resilience_of
+from resilient_db.health import _INFLIGHT as PINGS_IN_FLIGHT
 from resilient_db.testing import FaultInjector
 from tests.conftest import SENTINEL
 
@@ -31,6 +32,23 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue(fixture))
 
 
+Track = Callable[[sa.Engine], sa.Engine]
+
+
+@pytest.fixture
+def track() -> Iterator[Track]:
+    """Register an engine; it is disposed when the test ends, passed or failed."""
+    engines: list[sa.Engine] = []
+
+    def add(engine: sa.Engine) -> sa.Engine:
+        engines.append(engine)
+        return engine
+
+    yield add
+    for engine in engines:
+        engine.dispose()
+
+
 def refused() -> BaseException:
     """The error a closed port gives."""
     return ConnectionRefusedError(111, "Connection refused")
@@ -42,9 +60,9 @@ TRIP = Policy(
 )
 
 
-def test_fresh_engine_is_ok(url: str) -> None:
+def test_fresh_engine_is_ok(url: str, track: Track) -> None:
     """A new engine: ok, closed breaker, an empty pool, no error, nothing pinged."""
-    engine = resilient_db.create_engine(url, name="fresh", validate="off")
+    engine = track(resilient_db.create_engine(url, name="fresh", validate="off"))
     snap = resilient_db.health(engine)
     assert ("ok", (), None, None) == (snap.status, snap.reasons, snap.last_error, snap.ping_ok)
     assert snap.breaker is not None
@@ -58,9 +76,9 @@ def test_fresh_engine_is_ok(url: str) -> None:
     )
 
 
-def test_ping_ok_records_last_success(url: str) -> None:
+def test_ping_ok_records_last_success(url: str, track: Track) -> None:
     """ping=True: the database answers; last_success is set; the connection is returned."""
-    engine = resilient_db.create_engine(url, validate="off")
+    engine = track(resilient_db.create_engine(url, validate="off"))
     before = time.time()
     snap = resilient_db.health(engine, ping=True, timeout=5.0)
     assert ("ok", True) == (snap.status, snap.ping_ok)
@@ -69,9 +87,9 @@ def test_ping_ok_records_last_success(url: str) -> None:
     assert (0, 1) == (snap.pool.checked_out, snap.pool.checked_in)
 
 
-def test_to_dict_is_json(url: str) -> None:
+def test_to_dict_is_json(url: str, track: Track) -> None:
     """to_dict() round-trips through JSON with every field."""
-    engine = resilient_db.create_engine(url, validate="off")
+    engine = track(resilient_db.create_engine(url, validate="off"))
     data = json.loads(json.dumps(resilient_db.health(engine, ping=True, timeout=5.0).to_dict()))
     assert {
         "status",
@@ -91,18 +109,20 @@ def test_to_dict_is_json(url: str) -> None:
     assert data["last_success_age"] >= 0
 
 
-def test_snapshot_is_frozen(sqlite_url: str) -> None:
+def test_snapshot_is_frozen(sqlite_url: str, track: Track) -> None:
     """The snapshot cannot be changed after the fact."""
-    snap = resilient_db.health(resilient_db.create_engine(sqlite_url, validate="off"))
+    snap = resilient_db.health(track(resilient_db.create_engine(sqlite_url, validate="off")))
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.status = "down"  # type: ignore[misc]
 
 
-def test_breaker_open_is_down_without_io(pg_url: str) -> None:
+def test_breaker_open_is_down_without_io(pg_url: str, track: Track) -> None:
     """An open breaker: down, with the last failure's diagnosis; the ping is skipped."""
     down = sa.make_url(pg_url).set(host="127.0.0.1", port=1, password=SENTINEL)
-    engine = resilient_db.create_engine(
-        down.render_as_string(hide_password=False), policy=TRIP, validate="off"
+    engine = track(
+        resilient_db.create_engine(
+            down.render_as_string(hide_password=False), policy=TRIP, validate="off"
+        )
     )
     with pytest.raises(sa.exc.OperationalError):
         engine.connect()
@@ -119,9 +139,9 @@ def test_breaker_open_is_down_without_io(pg_url: str) -> None:
     assert SENTINEL not in json.dumps(snap.to_dict())
 
 
-def test_forced_open_is_down(sqlite_url: str) -> None:
+def test_forced_open_is_down(sqlite_url: str, track: Track) -> None:
     """An operator's force_open(): down, and said so."""
-    engine = resilient_db.create_engine(sqlite_url, validate="off")
+    engine = track(resilient_db.create_engine(sqlite_url, validate="off"))
     resilient_db.breaker_of(engine).force_open()
     snap = resilient_db.health(engine, ping=True)
     assert ("down", "circuit breaker open: forced open by an operator") == (
@@ -130,9 +150,9 @@ def test_forced_open_is_down(sqlite_url: str) -> None:
     )
 
 
-def test_ping_is_the_probe_once_reset_timeout_passed(sqlite_url: str) -> None:
+def test_ping_is_the_probe_once_reset_timeout_passed(sqlite_url: str, track: Track) -> None:
     """After reset_timeout the ping is the half-open probe: success closes the breaker."""
-    engine = resilient_db.create_engine(sqlite_url, policy=TRIP, validate="off")
+    engine = track(resilient_db.create_engine(sqlite_url, policy=TRIP, validate="off"))
     r = resilience_of(engine)
     assert r.breaker is not None
     now = [1000.0]
@@ -150,10 +170,10 @@ def test_ping_is_the_probe_once_reset_timeout_passed(sqlite_url: str) -> None:
     )
 
 
-def test_counted_failures_are_degraded(sqlite_url: str) -> None:
+def test_counted_failures_are_degraded(sqlite_url: str, track: Track) -> None:
     """Failures counted by a closed breaker: degraded, not down."""
     policy = Policy(breaker=BreakerPolicy(failure_threshold=5), retry=RetryPolicy(attempts=2))
-    engine = resilient_db.create_engine(sqlite_url, policy=policy, validate="off")
+    engine = track(resilient_db.create_engine(sqlite_url, policy=policy, validate="off"))
     FaultInjector(engine).fail_connects(2, refused)
     with pytest.raises(sa.exc.OperationalError):
         engine.connect()
@@ -164,20 +184,20 @@ def test_counted_failures_are_degraded(sqlite_url: str) -> None:
     )
 
 
-def test_ping_failure_is_down_and_classified(pg_url: str) -> None:
+def test_ping_failure_is_down_and_classified(pg_url: str, track: Track) -> None:
     """Breaker disabled, server refusing: the ping fails and says why."""
     down = sa.make_url(pg_url).set(host="127.0.0.1", port=1)
     policy = Policy(breaker=BreakerPolicy(enabled=False), retry=RetryPolicy(attempts=1))
-    engine = resilient_db.create_engine(down, policy=policy, validate="off")
+    engine = track(resilient_db.create_engine(down, policy=policy, validate="off"))
     snap = resilient_db.health(engine, ping=True)
     assert ("down", False, None) == (snap.status, snap.ping_ok, snap.breaker)
     assert snap.reasons[0].startswith("ping failed (refused): Nothing is accepting connections")
 
 
-def test_saturated_pool_is_degraded_and_not_pinged(url: str) -> None:
+def test_saturated_pool_is_degraded_and_not_pinged(url: str, track: Track) -> None:
     """Every connection in use: degraded, and the probe does not queue for one."""
     policy = Policy(pool=PoolPolicy(size=1, max_overflow=0), timeouts=Timeouts(checkout=30.0))
-    engine = resilient_db.create_engine(url, policy=policy, validate="off")
+    engine = track(resilient_db.create_engine(url, policy=policy, validate="off"))
     with engine.connect():
         t0 = time.monotonic()
         snap = resilient_db.health(engine, ping=True, timeout=5.0)
@@ -189,41 +209,52 @@ def test_saturated_pool_is_degraded_and_not_pinged(url: str) -> None:
     ) == snap.reasons
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
+class SilentServer:
+    """A loopback port that accepts TCP connections and never answers, until closed."""
 
-    def accept() -> None:
-        srv.settimeout(0.1)
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.srv.settimeout(0.1)
+        self.port: int = self.srv.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
             try:
-                accepted.append(srv.accept()[0])
+                self.accepted.append(self.srv.accept()[0])
             except OSError:
                 continue
 
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join(2)
-    for s in accepted:
-        s.close()
-    srv.close()
+    def close(self) -> None:
+        """Stop accepting and close every accepted connection (clients see EOF)."""
+        self.stop.set()
+        self.thread.join(2)
+        for s in self.accepted:
+            s.close()
+        self.srv.close()
 
 
-def test_ping_deadline_holds(pg_url: str, silent_port: int) -> None:
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    """A port that accepts TCP connections and never answers."""
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_ping_deadline_holds(pg_url: str, silent: SilentServer, track: Track) -> None:
     """A server that never answers: down after ``timeout``; one ping in flight at a time."""
-    silent = sa.make_url(pg_url).set(host="127.0.0.1", port=silent_port)
+    url = sa.make_url(pg_url).set(host="127.0.0.1", port=silent.port)
     policy = Policy(timeouts=Timeouts(connect=2.0), retry=RetryPolicy(attempts=1))
-    engine = resilient_db.create_engine(silent, policy=policy, validate="off")
+    engine = track(resilient_db.create_engine(url, policy=policy, validate="off"))
     t0 = time.monotonic()
     snap = resilient_db.health(engine, ping=True, timeout=0.2)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 1.5  # bounded by the 0.2 s timeout, not the 2 s connect
     assert ("down", False, ("ping failed: no answer within 0.2s",)) == (
         snap.status,
         snap.ping_ok,
@@ -231,6 +262,11 @@ def test_ping_deadline_holds(pg_url: str, silent_port: int) -> None:
     )
     again = resilient_db.health(engine, ping=True, timeout=0.2)
     assert ("ping failed: the previous ping is still running",) == again.reasons
+    # the abandoned ping thread ends once the server goes away: nothing is left running
+    pinger = PINGS_IN_FLIGHT[resilience_of(engine)]
+    silent.close()
+    pinger.join(5)
+    assert not pinger.is_alive()
 
 
 def test_async_engine(tmp_path: Path) -> None:
@@ -249,9 +285,9 @@ def test_async_engine(tmp_path: Path) -> None:
         resilient_db.health(engine, ping=True)
 
 
-def test_async_ping_timeout(pg_url: str, silent_port: int) -> None:
+def test_async_ping_timeout(pg_url: str, silent: SilentServer) -> None:
     """health_async() keeps its deadline against a silent server."""
-    u = sa.make_url(pg_url).set(drivername="postgresql+asyncpg", host="127.0.0.1", port=silent_port)
+    u = sa.make_url(pg_url).set(drivername="postgresql+asyncpg", host="127.0.0.1", port=silent.port)
     engine = create_async_engine(u, connect_args={"timeout": 3})
     resilient_db.wrap(engine.sync_engine, policy=Policy(retry=RetryPolicy(attempts=1)))
 

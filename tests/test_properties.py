@@ -89,37 +89,52 @@ class Clock:
 )
 def test_breaker_invariants(threshold: int, max_probes: int, steps: list[str]) -> None:
     """Probes in flight never exceed the limit; open rejects until reset_timeout passes."""
+    reset = 1.0
     clock = Clock()
     policy = BreakerPolicy(
-        failure_threshold=threshold, reset_timeout=1.0, half_open_max_calls=max_probes
+        failure_threshold=threshold, reset_timeout=reset, half_open_max_calls=max_probes
     )
     b = CircuitBreaker("prop", policy, clock=clock)
     held: list[int] = []
+    # when the open period began: at the trip, or (a failed probe) when the last probe went in
+    opened_at: float | None = None
+    probe_at: float | None = None
+    last = b.snapshot()
     for step in steps:
         if step == "tick":
-            clock.now += 0.6
-            continue
-        if step.startswith("finish"):
+            clock.now += 0.5  # exact in binary: reset_timeout is reached exactly
+        elif step.startswith("finish"):
             if held:
                 token = held.pop(0)
                 if step == "finish_ok":
                     b.record_success(token)
                 else:
                     b.record_failure("boom", token)
-            continue
-        state_before = b.state
-        try:
-            token = b.before_call()
-        except Rejected:
-            assert state_before in (OPEN, HALF_OPEN)
-            continue
-        if step == "call_hold":
-            held.append(token)
-        elif step == "call_ok":
-            b.record_success(token)
         else:
-            b.record_failure("boom", token)
+            before = b.snapshot()
+            try:
+                token = b.before_call()
+            except Rejected as rej:
+                if rej.state == OPEN:  # only until reset_timeout has passed since it opened
+                    assert opened_at is not None and clock.now - opened_at < reset
+                    assert rej.retry_in == pytest.approx(opened_at + reset - clock.now)
+                else:  # half-open: only when every probe slot is taken
+                    assert (HALF_OPEN, max_probes) == (rej.state, b.snapshot().probes_in_flight)
+            else:
+                if before.state == OPEN:  # admitted (as a probe) only once reset_timeout passed
+                    assert opened_at is not None and clock.now - opened_at >= reset
+                if token:
+                    probe_at = clock.now
+                if step == "call_hold":
+                    held.append(token)
+                elif step == "call_ok":
+                    b.record_success(token)
+                else:
+                    b.record_failure("boom", token)
         snap = b.snapshot()
+        if snap.state == OPEN and (last.state != OPEN or snap.transitions != last.transitions):
+            opened_at = clock.now if last.state == CLOSED or probe_at is None else probe_at
+        last = snap
         assert snap.state in (CLOSED, OPEN, HALF_OPEN)
         assert 0 <= snap.probes_in_flight <= max_probes
 

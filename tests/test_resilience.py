@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,14 +33,23 @@ from resilient_db import (
     RetryPolicy,
     Timeouts,
     _backoff,
+    _watchdog,
     breaker_of,
     error_context,
 )
 from resilient_db._hooks import Resilience
+from resilient_db._watchdog import Slot, Watchdog
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
 from resilient_db.testing.proxy import FaultProxy
-from tests.servers import APP_PASSWORD, APP_USER, ServerUnavailable, skip_or_fail, start_postgres
+from tests.servers import (
+    APP_PASSWORD,
+    APP_USER,
+    PgServer,
+    ServerUnavailable,
+    skip_or_fail,
+    start_postgres,
+)
 
 
 def ctx_of(exc: BaseException) -> ErrorContext:
@@ -366,6 +377,49 @@ def test_failed_probe_reopens(server_url: str, proxy: FaultProxy) -> None:
     engine.dispose()
 
 
+def test_probe_survives_a_reconnect_on_checkout(sqlite_url: str) -> None:
+    """A probe whose record SQLAlchemy reconnects (checkout listener disconnect) still closes."""
+    clock = FakeClock()
+    engine = resilient_db.create_engine(sqlite_url, policy=policy(threshold=1), clock=clock)
+    b = breaker_of(engine)
+    warm(engine, 1)
+    b.record_failure("simulated outage")
+    clock.advance(5.0)
+    refusals = [sa.exc.DisconnectionError("stale connection")]
+
+    @sa.event.listens_for(engine, "checkout")
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if refusals:  # SQLAlchemy invalidates the record and reconnects it (clearing its info)
+            raise refusals.pop()
+
+    with engine.connect() as c:
+        assert 1 == c.execute(sa.text("SELECT 1")).scalar()
+    snap = b.snapshot()
+    assert ([], CLOSED, 0) == (refusals, snap.state, snap.probes_in_flight)
+    engine.dispose()
+
+
+def test_server_restart_with_idle_pool_does_not_open(throwaway_pg: PgServer) -> None:
+    """After a restart, the failed idle pings of 6 stale connections do not open a threshold-3
+    breaker: the pool is invalidated and reconnecting decides."""
+    clock = FakeClock()
+    url = throwaway_pg.url(user=APP_USER, password=APP_PASSWORD, database="app")
+    pool = PoolPolicy(size=6, ping_after_idle=1.0)
+    engine = resilient_db.create_engine(url, policy=policy(threshold=3, pool=pool), clock=clock)
+    try:
+        warm(engine, 6)
+        throwaway_pg.restart()
+        clock.advance(2.0)
+        conns = [engine.connect() for _ in range(6)]  # a busy application, all at once
+        answers = [c.execute(sa.text("SELECT 1")).scalar() for c in conns]
+        for c in conns:
+            c.close()
+        snap = breaker_of(engine).snapshot()
+        assert ([1] * 6, CLOSED, 0) == (answers, snap.state, snap.failures)
+    finally:
+        engine.dispose()
+
+
 # -- what never counts -----------------------------------------------------------------
 
 
@@ -395,41 +449,138 @@ def test_application_errors_do_not_count(server_url: str, proxy: FaultProxy) -> 
         engine.dispose()
 
 
-def test_keyboard_interrupt_does_not_count(pg_url: str) -> None:
-    """Ctrl-C during a query (a real SIGINT) leaves a threshold-1 breaker closed."""
-    engine = resilient_db.create_engine(pg_url, policy=policy(threshold=1))
-    select_one(engine)
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+def test_errors_raised_inside_an_except_block_are_classified(
+    server_url: str, proxy: FaultProxy
+) -> None:
+    """An error raised while handling another gets its own context and still counts."""
+    engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(threshold=2))
+    table = f"rdb_ctx_{uuid.uuid4().hex[:10]}"
+    with engine.begin() as c:
+        c.execute(sa.text(f"CREATE TABLE {table} (id INT PRIMARY KEY)"))
+        c.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
     try:
-        with pytest.raises(KeyboardInterrupt), engine.connect() as c:
-            c.execute(sa.text("SELECT pg_sleep(5)"))
+        with engine.connect() as c:
+            try:
+                c.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
+            except sa.exc.IntegrityError:
+                c.rollback()
+                with pytest.raises(sa.exc.ProgrammingError) as missing:
+                    c.execute(sa.text(f"SELECT * FROM {table}_missing"))
+                c.rollback()
+                proxy.reset_all()
+                with pytest.raises(sa.exc.OperationalError) as lost:
+                    c.execute(sa.text("SELECT 1"))
+        code = "42P01" if is_pg(server_url) else "1146"
+        assert (code, "disconnect", 1) == (
+            ctx_of(missing.value).code,
+            ctx_of(lost.value).kind,
+            breaker_of(engine).failures,
+        )
     finally:
-        timer.cancel()
-    snap = breaker_of(engine).snapshot()
-    assert (CLOSED, 0) == (snap.state, snap.failures)
-    assert 1 == select_one(engine)
-    engine.dispose()
+        with engine.begin() as c:
+            c.execute(sa.text(f"DROP TABLE {table}"))
+        engine.dispose()
+
+
+def test_error_context_does_not_follow_implicit_chaining() -> None:
+    """error_context() follows ``orig`` and ``__cause__``, not the error being handled."""
+    handled = sa.exc.IntegrityError("INSERT", None, Exception("dup"))
+    resilient_db.errors.attach(handled, ErrorContext(engine="e", kind="application"))
+    cause = ValueError("cause")
+    resilient_db.errors.attach(cause, ErrorContext(engine="e", kind="disconnect"))
+    try:
+        raise handled
+    except sa.exc.IntegrityError:
+        implicit = RuntimeError("raised while handling")
+        try:
+            raise implicit
+        except RuntimeError:
+            pass
+        explicit = sa.exc.OperationalError("SELECT 1", None, cause)
+    assert (None, "disconnect") == (error_context(implicit), ctx_of(explicit).kind)
+
+
+def wait_pg_active(url: str, tag: str, timeout: float = 10.0) -> bool:
+    """Poll pg_stat_activity until a statement containing ``tag`` is running (or time is up)."""
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    end = time.monotonic() + timeout
+    try:
+        with admin.connect() as c:
+            while time.monotonic() < end:
+                if c.execute(
+                    sa.text(
+                        "SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
+                        "AND pid <> pg_backend_pid() AND query LIKE :tag"
+                    ),
+                    {"tag": f"%{tag}%"},
+                ).first():
+                    return True
+                time.sleep(0.01)
+    finally:
+        admin.dispose()
+    return False
+
+
+def test_keyboard_interrupt_does_not_count(pg_url: str) -> None:
+    """Ctrl-C during a running query (a real SIGINT) leaves a threshold-1 breaker closed."""
+    engine = resilient_db.create_engine(pg_url, policy=policy(threshold=1, call=30.0))
+    select_one(engine)
+    tag = f"rdb_ki_{uuid.uuid4().hex[:10]}"
+    armed = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # raises only inside the `with` block below: a late signal is ignored
+        if armed.is_set():
+            raise KeyboardInterrupt
+
+    main = threading.get_ident()
+    active: list[bool] = []
+
+    def interrupt_when_running() -> None:
+        active.append(wait_pg_active(pg_url, tag))
+        if active[0] and armed.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    sender = threading.Thread(target=interrupt_when_running)
+    try:
+        armed.set()
+        sender.start()
+        with pytest.raises(KeyboardInterrupt), engine.connect() as c:
+            c.execute(sa.text(f"SELECT pg_sleep(10) /* {tag} */"))
+    finally:
+        armed.clear()
+        sender.join()
+        signal.signal(signal.SIGINT, previous)
+    try:
+        snap = breaker_of(engine).snapshot()
+        assert ([True], CLOSED, 0) == (active, snap.state, snap.failures)
+        assert 1 == select_one(engine)
+    finally:
+        engine.dispose()
 
 
 async def test_cancellation_does_not_count(pg_url: str) -> None:
     """asyncio cancellation of a running query leaves a threshold-1 breaker closed."""
     url = sa.make_url(pg_url).set(drivername="postgresql+asyncpg")
     ae = create_async_engine(url)
-    resilient_db.wrap(ae.sync_engine, policy=policy(threshold=1))
+    resilient_db.wrap(ae.sync_engine, policy=policy(threshold=1, call=30.0))
+    tag = f"rdb_cancel_{uuid.uuid4().hex[:10]}"
 
     async def slow() -> None:
         async with ae.connect() as c:
-            await c.execute(sa.text("SELECT pg_sleep(5)"))
+            await c.execute(sa.text(f"SELECT pg_sleep(10) /* {tag} */"))
 
-    task = asyncio.create_task(slow())
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    snap = breaker_of(ae).snapshot()
-    assert (CLOSED, 0) == (snap.state, snap.failures)
-    await ae.dispose()
+    try:
+        task = asyncio.create_task(slow())
+        running = await asyncio.to_thread(wait_pg_active, pg_url, tag)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        snap = breaker_of(ae).snapshot()
+        assert (True, CLOSED, 0) == (running, snap.state, snap.failures)
+    finally:
+        await ae.dispose()
 
 
 # -- no lock around database calls -----------------------------------------------------
@@ -472,6 +623,50 @@ def test_slow_calls_count_as_failures(pg_url: str) -> None:
     b = breaker_of(engine)
     assert (OPEN, 2, 0) == (b.state, b.failures, b.successes)
     assert "slow-call threshold" in (b.last_failure or "")
+    engine.dispose()
+
+
+# -- the watchdog ------------------------------------------------------------------------
+
+
+def test_watchdog_spares_a_call_that_ends_before_the_shot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that returns while the watchdog gets ready to shut its socket is not shot."""
+    mine, peer = socket.socketpair()
+    clock = FakeClock()
+    dog = Watchdog(clock=clock)
+    slot = Slot(mine.fileno)
+    dog._slots.add(slot)  # registered without starting the scanning thread
+    slot.deadline = clock.now - 1.0
+    real_dup = os.dup
+
+    def dup(fd: int) -> int:
+        slot.deadline = 0.0  # the guarded call returns just now
+        return real_dup(fd)
+
+    monkeypatch.setattr(_watchdog, "os", types.SimpleNamespace(dup=dup, close=os.close))
+    try:
+        fired = dog.scan()
+        try:
+            mine.sendall(b"x")
+            echoed = peer.recv(1)
+        except OSError:
+            echoed = b""
+        assert (0, False, b"x") == (fired, slot.fired, echoed)
+    finally:
+        mine.close()
+        peer.close()
+
+
+def test_late_watchdog_fire_does_not_mislabel_the_next_error(pg_url: str) -> None:
+    """A fire that lands as a call succeeds is cleared; the next error keeps its own kind."""
+    engine = resilient_db.create_engine(pg_url, policy=policy())
+    with engine.connect() as c:
+        slot = c.info["resilient_db.slot"]
+        slot.fired = True  # the watchdog fired while the next call was returning
+        c.execute(sa.text("SELECT 1"))
+        with pytest.raises(sa.exc.DataError) as info:
+            c.execute(sa.text("SELECT 1 / 0"))
+    assert ("application", False) == (ctx_of(info.value).kind, slot.fired)
     engine.dispose()
 
 

@@ -56,3 +56,22 @@ def test_unique_violation_redacts_the_key(server_url: str) -> None:
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP TABLE {table}"))
         engine.dispose()
+
+
+def test_unique_violation_redacts_a_uuid_key(pg_url: str) -> None:
+    """A duplicate UUID key quoted in PostgreSQL's DETAIL is redacted like a string."""
+    engine = resilient_db.create_engine(pg_url, validate="off")
+    table = f"rdb_secret_{uuid.uuid4().hex[:8]}"
+    key = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {table} (id UUID PRIMARY KEY)"))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"INSERT INTO {table} VALUES (:k)"), {"k": key})
+        with pytest.raises(sa.exc.IntegrityError) as info, engine.begin() as conn:
+            conn.execute(sa.text(f"INSERT INTO {table} VALUES (:k)"), {"k": key})
+        assert (False, True) == (str(key) in _texts(info.value), "[redacted]" in str(info.value))
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+        engine.dispose()

@@ -547,6 +547,41 @@ def test_ambiguous_commit_counted(pg_url: str, otel: Otel) -> None:
         admin.dispose()
 
 
+def test_ambiguous_commit_in_a_unit_of_work_counted_once(pg_url: str, otel: Otel) -> None:
+    """A unit of work whose verify() fails after an ambiguous commit counts it once."""
+    table = f"tel_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {table} (id int)"))
+    u = sa.make_url(pg_url)
+
+    def verify(conn: sa.Connection) -> bool:
+        raise RuntimeError("verify failed")
+
+    try:
+        with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as proxy:
+            url = u.set(host=proxy.host, port=proxy.port)
+            policy = Policy(pool=PoolPolicy(ping_after_idle=None))
+            engine = make_engine(
+                url.render_as_string(hide_password=False), otel, policy, name="amb-uow"
+            )
+            proxy.drop_commit_reply()
+            with pytest.raises(resilient_db.AmbiguousCommitError):
+                resilient_db.run_transaction(
+                    engine,
+                    lambda c: c.execute(sa.text(f"INSERT INTO {table} VALUES (1)")),
+                    verify=verify,
+                )
+            engine.dispose()
+        m = otel.metrics()
+        assert 1 == by(m["resilient_db.commit.ambiguous"], {POOL: "amb-uow"})
+        assert 1 == by(m["resilient_db.errors"], {"error.type": "ambiguous_commit"})
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        admin.dispose()
+
+
 # -- per-call timings: when they are on ---------------------------------------------
 
 

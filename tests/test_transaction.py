@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -34,6 +36,8 @@ from resilient_db import (
     transactional,
     transactional_async,
 )
+from resilient_db.engine import resilience_of
+from resilient_db.errors import attach
 from resilient_db.testing import FaultProxy
 from tests.conftest import SENTINEL
 from tests.servers import free_port
@@ -330,7 +334,7 @@ def test_deadlock_is_retried_and_matches_serial_execution(
 
     errors = run_threads(transfer("A", 1, 2, 10), transfer("B", 2, 1, 100))
     with server_direct.connect() as c:
-        rows = dict(c.execute(sa.text(f"SELECT id, v FROM {server_table}")).all())
+        rows: dict[int, int] = dict(c.execute(sa.text(f"SELECT id, v FROM {server_table}")).all())
     assert ([], {1: 110, 2: 110}, [1, 2]) == (errors, rows, sorted(calls.values()))
 
 
@@ -499,7 +503,8 @@ def test_errors_never_show_the_password(free_url_with_sentinel: str) -> None:
     ctx = error_context(info.value)
     assert ctx is not None
     shown = " ".join([str(info.value), *getattr(info.value, "__notes__", []), str(ctx.to_dict())])
-    assert (False, 2, "refused") == (SENTINEL in shown, ctx.attempt, ctx.kind)
+    # the engine's own connect attempts (FAST: 4) used up the unit's 2
+    assert (False, 4, "refused") == (SENTINEL in shown, ctx.attempt, ctx.kind)
 
 
 @pytest.fixture
@@ -748,6 +753,232 @@ def test_purge_deletes_old_keys_only(sqlite_url: str) -> None:
     assert (1, ["k-new"]) == (deleted, left)
 
 
+# -- never re-run work that may be committed ---------------------------------------------
+
+
+class Fault:
+    """Makes the next statement on a connection fail with a retryable error, for real.
+
+    PostgreSQL/MariaDB: the session is terminated (admin_terminated / disconnect).
+    SQLite: another connection holds an exclusive lock, so the next write gives up
+    after the engine's busy timeout (lock_timeout). Arm it before the unit's next write.
+    """
+
+    def __init__(self, url: str, admin: Engine) -> None:
+        self.url = sa.make_url(url)
+        self.admin = admin
+        self.blocker: sqlite3.Connection | None = None
+
+    def arm(self, conn: Connection) -> None:
+        """Make ``conn``'s next write fail."""
+        if self.url.get_backend_name() != "sqlite":
+            kill(self.admin, backend_id(conn))
+            return
+        self.blocker = sqlite3.connect(str(self.url.database), isolation_level=None)
+        self.blocker.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        """Let SQLite writers in again."""
+        if self.blocker is not None:
+            self.blocker.rollback()
+            self.blocker.close()
+            self.blocker = None
+
+
+@pytest.fixture
+def fault(any_url: str, direct: Engine) -> Iterator[Fault]:
+    """A real retryable fault on the database under test."""
+    f = Fault(any_url, direct)
+    yield f
+    f.release()
+
+
+def fault_engine(url: str, **kw: Any) -> Engine:
+    """A resilient engine whose SQLite busy timeout is short (a locked write fails fast)."""
+    if sa.make_url(url).get_backend_name() == "sqlite":
+        kw["connect_args"] = {"timeout": 0.05}
+    return make_engine(url, **kw)
+
+
+def test_retryable_fault_in_a_unit_of_work_is_rerun(
+    any_url: str, direct: Engine, table: str, fault: Fault
+) -> None:
+    """Control for the tests below: the same fault before anything committed is re-run."""
+    e = fault_engine(any_url)
+    calls: list[int] = []
+
+    def unit(conn: Connection) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            conn.execute(sa.text("SELECT 1"))
+            fault.arm(conn)
+        else:
+            fault.release()
+        conn.execute(sa.text(f"INSERT INTO {table} (id, k, v) VALUES (:i, 'r', 1)"), {"i": 1})
+
+    run_transaction(e, unit)
+    assert (2, 1) == (len(calls), count(direct, table, "r"))
+
+
+@pytest.mark.parametrize("via", ["engine", "session"])
+def test_unit_that_committed_itself_is_not_rerun(
+    any_url: str, direct: Engine, table: str, fault: Fault, via: str
+) -> None:
+    """fn commits, then a retryable fault: raised (not re-run); only the committed row exists.
+
+    Before the fix the committed insert was replayed on every retry.
+    """
+    e = fault_engine(any_url)
+    calls: list[int] = []
+
+    def unit(conn: Any) -> None:
+        calls.append(1)
+        insert = sa.text(f"INSERT INTO {table} (id, k, v) VALUES (:i, 'c', 1)")
+        conn.execute(insert, {"i": len(calls) * 10})
+        conn.commit()
+        fault.arm(conn.connection() if via == "session" else conn)
+        conn.execute(insert, {"i": len(calls) * 10 + 1})
+
+    bind: Any = e if via == "engine" else sessionmaker(e)
+    with pytest.raises(sa_exc.OperationalError) as info:
+        run_transaction(bind, unit)
+    fault.release()
+    ctx = error_context(info.value)
+    assert ctx is not None
+    assert (1, 1, "never", True) == (
+        len(calls),
+        count(direct, table, "c"),
+        ctx.retry,
+        "committed or rolled back the runner's transaction" in ctx.diagnosis,
+    )
+
+
+@pytest.mark.parametrize("via", ["engine", "session"])
+def test_unit_that_committed_itself_keeps_its_later_work(
+    sqlite_url: str, via: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fn commits halfway and returns: the runner commits the rest too, and warns."""
+    e = make_engine(sqlite_url)
+    with e.begin() as c:
+        c.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+
+    def unit(conn: Any) -> str:
+        conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+        conn.commit()
+        conn.execute(sa.text("INSERT INTO t (id) VALUES (2)"))
+        return "ok"
+
+    bind: Any = e if via == "engine" else sessionmaker(e)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        result = run_transaction(bind, unit)
+    with e.connect() as c:
+        rows = c.scalars(sa.text("SELECT id FROM t ORDER BY id")).all()
+    events = [getattr(r, "resilient_db", {}).get("event") for r in caplog.records]
+    assert ("ok", [1, 2], ["unit_ended_transaction"]) == (result, rows, events)
+
+
+@pytest.mark.parametrize("how", ["create_engine", "execution_options", "session_connection"])
+def test_autocommit_bind_is_refused(
+    any_url: str, direct: Engine, table: str, how: str, fault: Fault
+) -> None:
+    """AUTOCOMMIT commits every statement: the runner refuses it before calling fn.
+
+    Before the fix an insert followed by a retryable fault was committed once per attempt.
+    """
+    held: list[Connection] = []
+    if how == "create_engine":
+        bind: Any = fault_engine(any_url, isolation_level="AUTOCOMMIT")
+    elif how == "execution_options":
+        bind = fault_engine(any_url).execution_options(isolation_level="AUTOCOMMIT")
+    else:
+        held.append(fault_engine(any_url).connect().execution_options(isolation_level="AUTOCOMMIT"))
+        bind = sessionmaker(bind=held[0])
+    calls: list[int] = []
+
+    def unit(conn: Any) -> None:
+        calls.append(1)
+        conn.execute(
+            sa.text(f"INSERT INTO {table} (id, k, v) VALUES (:i, 'ac', 1)"), {"i": len(calls)}
+        )
+        fault.arm(conn if isinstance(conn, Connection) else conn.connection())
+        conn.execute(sa.text("SELECT 1"))
+
+    with pytest.raises(ConfigurationError) as info:
+        run_transaction(bind, unit)
+    for c in held:
+        c.close()
+    assert ("isolation_level", True, 0, 0) == (
+        info.value.field,
+        "read_only=True" in info.value.fix,
+        len(calls),
+        count(direct, table, "ac"),
+    )
+
+
+def test_autocommit_engine_runs_read_only_units_and_explicit_levels(
+    any_url: str, direct: Engine, table: str
+) -> None:
+    """read_only=True, or an explicit isolation_level, still run on an AUTOCOMMIT engine."""
+    e = fault_engine(any_url, isolation_level="AUTOCOMMIT")
+    insert = sa.text(f"INSERT INTO {table} (id, k, v) VALUES (1, 'lvl', 1)")
+    read = run_transaction(e, lambda c: c.scalar(sa.text("SELECT 5")), read_only=True)
+    run_transaction(e, lambda c: c.execute(insert), isolation_level="SERIALIZABLE")
+    assert (5, 1) == (read, count(direct, table, "lvl"))
+
+
+def test_refused_connect_is_tried_attempts_times_not_squared() -> None:
+    """The engine retries a refused connect; the unit counts those attempts as its own."""
+    policy = Policy(retry=RetryPolicy(attempts=3, initial=0.01, deadline=20))
+    e = resilient_db.create_engine(
+        "postgresql+psycopg://app:x@127.0.0.1:1/test", policy=policy, validate="off"
+    )
+    calls: list[int] = []
+    with pytest.raises(sa_exc.OperationalError) as info:
+        run_transaction(e, lambda c: calls.append(1))
+    ctx = error_context(info.value)
+    assert ctx is not None
+    assert (3, 0, 3, ("refused",) * 3) == (
+        resilience_of(e).connect_attempts,
+        len(calls),
+        ctx.attempt,
+        tuple(h.partition(":")[0] for h in ctx.history),
+    )
+
+
+def test_bulkhead_rejection_is_not_rerun(sqlite_url: str) -> None:
+    """PoolExhaustedError (here the bulkhead: no waiters allowed) is raised after one checkout."""
+    pool = resilient_db.PoolPolicy(size=1, max_overflow=0, max_waiters=0)
+    e = make_engine(sqlite_url, policy=Policy(retry=FAST.retry, pool=pool))
+    calls: list[int] = []
+    with e.connect() as held:
+        held.execute(sa.text("SELECT 1"))
+        with pytest.raises(resilient_db.PoolExhaustedError):
+            run_transaction(e, lambda c: calls.append(1))
+    assert (1, 0) == (resilience_of(e).pool_timeouts, len(calls))
+
+
+def test_engine_recorded_retry_level_wins_over_classify(sqlite_url: str) -> None:
+    """A context the engine attached decides the retry (as a multi-host engine re-routing does)."""
+    e = make_engine(sqlite_url)
+    with e.begin() as c:
+        c.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        c.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+    calls: list[int] = []
+
+    def unit(conn: Connection) -> int:
+        calls.append(1)
+        try:
+            conn.execute(sa.text("INSERT INTO t (id) VALUES (:i)"), {"i": len(calls)})
+        except sa_exc.IntegrityError as err:  # classify(): application, never retried
+            ctx = error_context(err)
+            assert ctx is not None
+            attach(err, dataclasses.replace(ctx, retry="transaction"))
+            raise
+        return len(calls)
+
+    assert (2, 2) == (run_transaction(e, unit), len(calls))
+
+
 # -- decorator ----------------------------------------------------------------------------
 
 
@@ -841,6 +1072,52 @@ async def test_transactional_async_decorator(aiosqlite_engine: AsyncEngine) -> N
         return ident * 10
 
     assert [10, 20] == [await add(1), await add(2)]
+
+
+def test_transactional_async_refuses_a_sync_function(aiosqlite_engine: AsyncEngine) -> None:
+    """The async decorator on a plain function fails at decoration time, naming itself."""
+
+    def unit(conn: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError) as info:
+        transactional_async(aiosqlite_engine)(unit)  # type: ignore[arg-type]
+    assert "transactional_async" == info.value.field
+
+
+async def test_async_autocommit_engine_is_refused(sqlite_url: str) -> None:
+    """An AsyncEngine in AUTOCOMMIT isolation is refused before fn runs."""
+    e = create_async_engine(
+        sqlite_url.replace("sqlite://", "sqlite+aiosqlite://"), isolation_level="AUTOCOMMIT"
+    )
+    calls: list[int] = []
+
+    async def unit(conn: Any) -> None:
+        calls.append(1)
+
+    with pytest.raises(ConfigurationError) as info:
+        await run_transaction_async(async_sessionmaker(e), unit)
+    await e.dispose()
+    assert ("isolation_level", []) == (info.value.field, calls)
+
+
+@pytest.mark.parametrize("via", ["engine", "session"])
+async def test_async_unit_that_committed_itself_keeps_its_later_work(
+    aiosqlite_engine: AsyncEngine, via: str
+) -> None:
+    """Async twin: fn commits halfway and returns; the runner commits the rest."""
+
+    async def unit(conn: Any) -> str:
+        await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+        await conn.commit()
+        await conn.execute(sa.text("INSERT INTO t (id) VALUES (2)"))
+        return "ok"
+
+    bind: Any = aiosqlite_engine if via == "engine" else async_sessionmaker(aiosqlite_engine)
+    result = await run_transaction_async(bind, unit)
+    async with aiosqlite_engine.connect() as c:
+        rows = (await c.scalars(sa.text("SELECT id FROM t ORDER BY id"))).all()
+    assert ("ok", [1, 2]) == (result, rows)
 
 
 @pytest.fixture

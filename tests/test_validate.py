@@ -150,7 +150,7 @@ def test_blackholed_host_is_bounded_by_the_deadline(pg_url: str, silent_port: in
     report = validate(url, deadline=2.5)
     elapsed = time.monotonic() - t
     assert "RDB203" == report.root_cause.code  # type: ignore[union-attr]
-    assert elapsed < 2.5 + 0.3
+    assert elapsed < 2.5 + 1.5  # bounded (not a speed claim): slack for a loaded 2-core box
 
 
 def test_hung_driver_is_abandoned_at_the_deadline() -> None:
@@ -170,7 +170,7 @@ def test_hung_driver_is_abandoned_at_the_deadline() -> None:
         release.set()
     assert "RDB209" == report.root_cause.code  # type: ignore[union-attr]
     assert "connecting" in report.root_cause.message  # type: ignore[union-attr]
-    assert elapsed < 1.3
+    assert elapsed < 1.0 + 1.5  # bounded: the driver would hang 10 s
 
 
 def test_policy_timeouts_are_checked() -> None:
@@ -489,7 +489,7 @@ def test_strict_startup_on_blackholed_host_is_bounded(pg_url: str) -> None:
             resilient_db.create_engine(url, policy=policy, validate="strict")
         elapsed = time.monotonic() - t
     assert "RDB205" == info.value.report.root_cause.code
-    assert elapsed < 2.5 + 0.3
+    assert elapsed < 2.5 + 1.5  # bounded (not a speed claim): slack for a loaded 2-core box
 
 
 def test_pool_policy_sizes_the_demand(pg_url: str) -> None:

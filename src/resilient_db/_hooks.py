@@ -34,12 +34,12 @@ from .breaker import CLOSED, CircuitBreaker, Rejected
 from .classify import Classification, Kind, RetryLevel, Target, classify
 from .config import Policy
 from .errors import (
+    _CONTEXT_ATTR,
     AmbiguousCommitError,
     CircuitOpenError,
     ErrorContext,
     PoolExhaustedError,
     attach,
-    error_context,
     redact_parameters,
 )
 
@@ -61,6 +61,11 @@ _LOST = frozenset(
         Kind.AMBIGUOUS_COMMIT,
     }
 )
+
+# kinds of a failed idle ping meaning the server closed the socket (a restart, an idle
+# timeout): the pool's older connections are dead too, reconnecting decides. A ping
+# into silence (read_timeout) still counts: reconnecting would wait out a timeout.
+_GONE = frozenset({Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT})
 
 # Drivers without a client-side read timeout: guarded by the watchdog.
 _WATCHED_DRIVERS = {"psycopg", "psycopg2", "psycopg_async", "aiomysql"}
@@ -89,7 +94,9 @@ class Resilience:
         self._wait_lock = threading.Lock()
         self.last_error: ErrorContext | None = None
         self.connect_attempts = 0
-        self.connect_failures = 0
+        # half-open probe tokens by the pool record carrying them, off record.info:
+        # SQLAlchemy clears info whenever it reconnects a record
+        self.probes: dict[Any, int] = {}
         # called before each connect attempt; resilient_db.testing.FaultInjector raises here
         self.connect_faults: list[Callable[[], None]] = []
         self.pool_timeouts = 0
@@ -129,10 +136,12 @@ class Resilience:
     ) -> ErrorContext:
         """Build the error context for a classified failure of this engine.
 
-        ``target`` names the host actually tried (multi-host engines); default: the URL's.
+        Pure: nothing is counted or remembered; the hooks that raise the failure
+        call :meth:`record_error` too. ``target`` names the host actually tried
+        (multi-host engines); default: the URL's.
         """
         t = target or self.target
-        ctx = ErrorContext(
+        return ErrorContext(
             engine=self.name,
             dialect=t.dialect,
             driver=t.driver,
@@ -152,6 +161,9 @@ class Resilience:
             retry_in=retry_in,
             extra=extra,
         )
+
+    def record_error(self, c: Classification, ctx: ErrorContext) -> ErrorContext:
+        """A failure of this engine is being raised: remember it and tell telemetry."""
         if c.kind is not Kind.CIRCUIT_OPEN:
             self.last_error = ctx
         if self.telemetry is not None:
@@ -169,7 +181,9 @@ class Resilience:
         diagnosis = f"{c.diagnosis} Next probe {when}."
         if last:
             diagnosis += f" Last failure: {last}"
-        ctx = self.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis)
+        ctx = self.record_error(
+            c, self.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis)
+        )
         return CircuitOpenError(
             f"Circuit breaker '{self.name}' is {rej.state}: not connecting to "
             f"{self.target.where}. {diagnosis}",
@@ -196,29 +210,31 @@ class Resilience:
             ("max_waiters", self.max_waiters),
             ("checkout_timeout", self.policy.timeouts.checkout),
         )
-        ctx = self.context(c, phase="checkout", diagnosis=diagnosis, extra=stats)
+        ctx = self.record_error(
+            c, self.context(c, phase="checkout", diagnosis=diagnosis, extra=stats)
+        )
         return PoolExhaustedError(f"{diagnosis} [engine '{self.name}']", ctx)
 
     # -- connect -----------------------------------------------------------------
 
-    def connect(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
-        """Open a DBAPI connection, retrying what is safe to retry."""
+    def connect(self, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
+        """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record)."""
         start = self.clock()
         self.connect_attempts += 1
         try:
             for fault in self.connect_faults:
                 fault()
-            return self._connect_once(dialect, cargs, cparams)
+            return self._connect_once(dialect, cargs, cparams, rec)
         except _EXIT:
             raise
         except BaseException as e:
             error = e
         # outside the except block, so a later attempt's error is not chained to this one
-        return self._connect_retrying(dialect, cargs, cparams, error, start)
+        return self._connect_retrying(dialect, cargs, cparams, error, start, rec)
 
-    def _connect_once(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
+    def _connect_once(self, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
         if self.failover is not None:  # a multi-host engine picks the host (failover.py)
-            return self.failover.connect(dialect, cargs, cparams, self._open)
+            return self.failover.connect(dialect, cargs, cparams, self._open, rec)
         return self._open(dialect, cargs, cparams)
 
     def _open(self, dialect: Any, cargs: Any, cparams: Any) -> Any:
@@ -233,14 +249,19 @@ class Resilience:
         return conn
 
     def _connect_retrying(
-        self, dialect: Any, cargs: Any, cparams: Any, error: BaseException, start: float
+        self,
+        dialect: Any,
+        cargs: Any,
+        cparams: Any,
+        error: BaseException,
+        start: float,
+        rec: Any = None,
     ) -> Any:
         """The retry loop, entered only after a first attempt failed."""
         policy = self.policy.retry
         history: list[str] = []
         attempt = 1
         while True:
-            self.connect_failures += 1
             # a multi-host engine's attempt names the host it tried (failover.TARGET_ATTR)
             tried = getattr(error, "resilient_db_target", None)
             t = tried if isinstance(tried, Target) else self.target
@@ -265,7 +286,7 @@ class Resilience:
                 try:
                     for fault in self.connect_faults:
                         fault()
-                    return self._connect_once(dialect, cargs, cparams)
+                    return self._connect_once(dialect, cargs, cparams, rec)
                 except _EXIT:
                     raise
                 except BaseException as e:
@@ -279,6 +300,7 @@ class Resilience:
                 history=tuple(history),
                 target=t,
             )
+            self.record_error(c, ctx)
             attach(error, ctx)
             if isinstance(
                 error, (dialect.loaded_dbapi.Error, sa_exc.SQLAlchemyError)
@@ -304,8 +326,10 @@ class Resilience:
         orig: BaseException = ctx.original_exception
         sa_error: BaseException | None = ctx.sqlalchemy_exception
         target_exc = sa_error if sa_error is not None else orig
-        existing = error_context(orig)
-        if existing is not None:  # classified in connect(); carry it over
+        # classified in connect(): carry it over. Only orig's own context: one found
+        # through __context__ belongs to an earlier error this one was raised while handling
+        existing = getattr(orig, _CONTEXT_ATTR, None)
+        if isinstance(existing, ErrorContext):
             attach(target_exc, existing)
             return None
         if isinstance(orig, _EXIT) or ctx.is_pre_ping:
@@ -340,7 +364,7 @@ class Resilience:
             ctx.invalidate_pool_on_disconnect = False
         if c.kind is Kind.READ_ONLY and fo is not None:
             c = fo.refused_write(ctx, c)  # the primary moved: re-route (failover.py)
-        ectx = self.context(c, phase=phase, target=t)
+        ectx = self.record_error(c, self.context(c, phase=phase, target=t))
         if c.kind is Kind.AMBIGUOUS_COMMIT:
             return AmbiguousCommitError(
                 f"Engine '{self.name}': {c.diagnosis} (cause: {type(orig).__name__})", ectx
@@ -397,9 +421,9 @@ class Resilience:
         A caller that waited while the breaker opened is rejected like any other;
         an idle connection (and any pooled connection handed to a probe) is pinged
         within the call deadline and, if dead, replaced (or the checkout rejected
-        when that failure opened the breaker); a probe connects here, because
-        SQLAlchemy clears ``rec.info`` when it reconnects a record and the probe
-        token must survive until check-in.
+        when that failure opened the breaker). A record SQLAlchemy will reconnect
+        anyway (invalidated, or older than a pool invalidation) is not pinged. A
+        probe's token is kept in :attr:`probes` until check-in.
         """
         b = self.breaker
         try:
@@ -409,7 +433,11 @@ class Resilience:
             since = rec.info.get("resilient_db.idle_since")
             stale = idle is not None and since is not None and self.clock() - since > idle
             # a probe's verdict must come from the database, not from an idle pooled socket
-            if (stale or probe) and rec.dbapi_connection is not None and not self.ping(pool, rec):
+            if (
+                (stale or probe)
+                and not rec._is_hard_or_soft_invalidated()
+                and not self.ping(pool, rec)
+            ):
                 rec.invalidate()
                 if self.telemetry is not None:
                     self.telemetry.validation_failed("idle_ping")
@@ -418,8 +446,7 @@ class Resilience:
                     probe = 0
                     probe = b.before_call()
             if probe:
-                rec.get_connection()
-                rec.info["resilient_db.probe"] = probe
+                self.probes[rec] = probe
         except Rejected as rej:
             rec.info["resilient_db.failed"] = True  # handed back unused: no verdict
             rec.checkin(_fairy_was_created=False)
@@ -432,7 +459,13 @@ class Resilience:
         return rec
 
     def ping(self, pool: Pool, record: Any) -> bool:
-        """Ping an idle pooled connection within the call deadline; False if it is dead."""
+        """Ping an idle pooled connection within the call deadline; False if it is dead.
+
+        A ping that finds the socket closed by the server does not count for the
+        breaker: it invalidates the pool's connections as old as this one (a server
+        restart closed them all), and the reconnect that follows counts if the
+        database is really down. A ping into silence counts.
+        """
         dbapi = record.dbapi_connection
         slot: Slot | None = record.info.get("resilient_db.slot")
         call = self.policy.timeouts.call
@@ -445,7 +478,11 @@ class Resilience:
         except BaseException as e:
             fired = slot is not None and slot.fired
             c = classify(TimeoutError() if fired else e, phase="execute", target=self.target)
-            if self.breaker is not None and c.counts_for_breaker:
+            if c.kind in _GONE:
+                # as SQLAlchemy's pre-ping does (Pool._invalidate): recycle this generation
+                if pool._invalidate_time < record.starttime:
+                    pool._invalidate_time = time.time()
+            elif self.breaker is not None and c.counts_for_breaker:
                 self.breaker.record_failure(c.diagnosis)
             return False
         finally:
@@ -577,9 +614,11 @@ class _ResilientPool:
             r.timing.checked_in(record)
         b = r.breaker
         info = record.info
-        if b is not None and (info or not b.quiet):  # marks are rare: skip the pops
-            probe = info.pop("resilient_db.probe", False)
-            if record.dbapi_connection is None or info.pop("resilient_db.failed", False):
+        # an empty info (SQLite) carries no mark: skip the pops; a server connection's
+        # info always holds its watchdog slot or idle time, so there they run every time
+        if b is not None and (info or r.probes or not b.quiet):
+            probe = r.probes.pop(record, 0) if r.probes else 0
+            if info.pop("resilient_db.failed", False) or record.dbapi_connection is None:
                 b.release(probe)
             elif probe or not b.quiet:
                 b.record_success(probe)
@@ -605,8 +644,9 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
 
     def guard(original: Callable[..., Any], info_of: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
-            info = info_of(args)
-            slot = info.get("resilient_db.slot") if call is not None and info else None
+            # the record's info up front only for the watchdog slot; a slow call reads it after
+            info = info_of(args) if call is not None else None
+            slot = info.get("resilient_db.slot") if info else None
             if slot is not None:
                 slot.deadline = time.monotonic() + call  # type: ignore[operator]
             t0 = clock() if slow is not None else 0.0
@@ -615,8 +655,12 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
             finally:
                 if slot is not None:
                     slot.deadline = 0.0
-            if slow is not None and info is not None and clock() - t0 > slow:
-                r.slow(info)
+            if slot is not None and slot.fired:
+                slot.fired = False  # fired as the call ended: not the next error's cause
+            if slow is not None and clock() - t0 > slow:
+                info = info if info is not None else info_of(args)
+                if info is not None:
+                    r.slow(info)
             return result
 
         return guarded
@@ -666,7 +710,9 @@ def install(engine: Engine, r: Resilience) -> None:
 
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
         tel = r.telemetry  # a span and timing around the whole connect sequence
-        return r.connect(d, ca, cp) if tel is None else tel.connect(r.connect, d, ca, cp)
+        if tel is None:
+            return r.connect(d, ca, cp, rec)
+        return tel.connect(lambda d_, ca_, cp_: r.connect(d_, ca_, cp_, rec), d, ca, cp)
 
     event.listen(engine, "do_connect", do_connect)
     event.listen(engine, "handle_error", r.handle_error)

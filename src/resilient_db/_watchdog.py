@@ -92,10 +92,14 @@ class Watchdog:
                 fd = s.fd_getter()
                 if s.deadline != d:  # the call ended (or a new one began) meanwhile
                     continue
-                s.fired = True
-                s.deadline = 0.0
-                if fd is not None and fd >= 0:
-                    _shutdown(fd)
+                s.fired = True  # before the shot: the failing call must see it
+
+                def due(s: Slot = s, d: float = d) -> bool:
+                    return s.deadline == d
+
+                if fd is not None and fd >= 0 and not _shutdown(fd, due):
+                    s.fired = False  # the call ended just before the shot: spared
+                    continue
                 fired += 1
         self.fired += fired
         return fired
@@ -109,22 +113,26 @@ class Watchdog:
                 continue
 
 
-def _shutdown(fd: int) -> None:
+def _shutdown(fd: int, due: Callable[[], bool]) -> bool:
+    """Shut the socket down unless ``due()`` says, at the last moment, that the call ended."""
     try:
         dup = os.dup(fd)
     except OSError:
-        return
+        return due()
     try:
         s = socket.socket(fileno=dup)
     except OSError:
         os.close(dup)
-        return
+        return due()
     try:
+        if not due():
+            return False
         s.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:
         s.close()
+    return True
 
 
 WATCHDOG = Watchdog()

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import event
@@ -33,11 +34,21 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from .classify import Kind
 from .config import Policy, ValidateMode
-from .engine import _check_policy, _engine_kwargs, _parse_url, _startup_validate, wrap
+from .engine import (
+    _check_policy,
+    _engine_kwargs,
+    _parse_url,
+    _startup_validate,
+    policy_of,
+    resilience_of,
+    wrap,
+)
 from .errors import ConfigurationError, attach, error_context
+from .failover import Failover, Host, Role, split_url
 
 __all__ = ["create_async_engine", "wrap_async"]
 
@@ -51,6 +62,8 @@ def create_async_engine(
     policy: Policy | None = None,
     validate: ValidateMode | None = None,
     clock: Callable[[], float] | None = None,
+    hosts: Sequence[str | tuple[str, int]] | None = None,
+    role: Role | None = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """Create a genuine :class:`~sqlalchemy.ext.asyncio.AsyncEngine` with resilience attached.
@@ -69,9 +82,15 @@ def create_async_engine(
     ``policy.retry.deadline`` seconds, so create engines at import or startup
     time, not inside request handlers. ``clock`` replaces
     :func:`time.monotonic` for the breaker and retry timing (tests).
+
+    ``hosts`` (``["db1:5432", "db2:5432"]``, or libpq-style ``?host=a:5432&host=b:5432``
+    in the URL) and ``role`` (``"primary"``, the default, ``"any"`` or
+    ``"prefer-standby"``; in the URL ``target_session_attrs``): one logical
+    database served by several hosts, as for :func:`resilient_db.create_engine`
+    (see :mod:`resilient_db.failover`).
     """
     policy = _check_policy(policy)
-    u = _parse_url(url)
+    u, host_list, role = split_url(_parse_url(url), hosts, role)
     kw = _engine_kwargs(u, policy, kwargs)
     try:
         engine = _sa_create_async_engine(u, **kw)
@@ -89,7 +108,26 @@ def create_async_engine(
             f"names the driver '{u.get_driver_name()}', which is not an asyncio driver.",
             f"Use {_ASYNC_DRIVERS}, or resilient_db.create_engine() for a sync engine.",
         ) from None
-    wrap_async(engine, name=name, policy=policy, clock=clock)
+    wrap_async(
+        engine,
+        name=name,
+        policy=policy,
+        clock=clock,
+        hosts=host_list,
+        role=role if host_list is not None else None,
+    )
+    fo = _failover_of(engine)
+    if fo is not None and (validate or policy.validate) != "off":
+        # validate the server the engine picks, not whichever host is listed first
+        chosen = _select(fo, engine, kw["connect_args"])
+        if chosen != fo.hosts[0]:
+            check = _sa_create_async_engine(u.set(host=chosen.host, port=chosen.port), **kw)
+            try:
+                wrap_async(check, name=name, policy=policy)
+                _startup_validate(check.sync_engine, policy, validate)
+            finally:
+                check.sync_engine.dispose()  # never connected: nothing to await
+            return engine
     _startup_validate(engine.sync_engine, policy, validate)
     return engine
 
@@ -100,12 +138,15 @@ def wrap_async(
     name: str | None = None,
     policy: Policy | None = None,
     clock: Callable[[], float] | None = None,
+    hosts: Sequence[str | tuple[str, int] | Host] | None = None,
+    role: Role | None = None,
 ) -> AsyncEngine:
     """Attach resilience to an existing AsyncEngine and return the same object.
 
     The pool and driver settings the engine was created with are kept; use
     :func:`create_async_engine` to also get resilient_db's safe defaults.
-    ``policy_of``, ``breaker_of`` and ``health_async`` accept the AsyncEngine.
+    ``policy_of``, ``breaker_of``, ``hosts_of`` and ``health_async`` accept the
+    AsyncEngine. ``hosts`` and ``role``: as for :func:`create_async_engine`.
     """
     if not isinstance(async_engine, AsyncEngine):
         raise ConfigurationError(
@@ -119,13 +160,43 @@ def wrap_async(
     # before resilient_db's own do_connect listener, which makes the attempt
     remove = _bound_connect(sync_engine, policy)
     try:
-        wrap(sync_engine, name=name, policy=policy, clock=clock)
+        wrap(sync_engine, name=name, policy=policy, clock=clock, hosts=hosts, role=role)
     except BaseException:
         remove()
         raise
     # after resilient_db's handle_error listener, which classifies and attaches context
     event.listen(sync_engine, "handle_error", _after_classified)
     return async_engine
+
+
+# -- failover: the startup check validates the host the engine picks -------------------
+
+
+def _failover_of(engine: AsyncEngine) -> Failover | None:
+    return resilience_of(engine).failover
+
+
+def _select(fo: Failover, engine: AsyncEngine, connect_args: dict[str, Any]) -> Host:
+    """:meth:`Failover.select` on a worker thread's own event loop.
+
+    The async drivers need an event loop and a greenlet; the caller may be
+    running its own loop already (creating an engine inside a coroutine).
+    """
+    sync_engine = engine.sync_engine
+    args = dict(connect_args)
+    # select() connects past the do_connect listeners: bound aiomysql's handshake here
+    creator = _aiomysql_creator(policy_of(engine).timeouts.connect, sync_engine.dialect.driver)
+    if creator is not None:
+        args.setdefault("async_creator_fn", creator)
+    box: list[Host] = []
+
+    def run() -> None:
+        box.append(asyncio.run(greenlet_spawn(fo.select, sync_engine, args)))
+
+    worker = threading.Thread(target=run, name="resilient-db-select", daemon=True)
+    worker.start()
+    worker.join()
+    return box[0] if box else fo.hosts[0]
 
 
 # -- aiomysql: the whole connect under the connect timeout ----------------------------
@@ -136,13 +207,9 @@ def _bound_connect(engine: Engine, policy: Policy) -> Callable[[], None]:
 
     Returns a function that takes the listener off again.
     """
-    timeout = policy.timeouts.connect
-    if timeout is None or engine.dialect.driver != "aiomysql":
+    bounded = _aiomysql_creator(policy.timeouts.connect, engine.dialect.driver)
+    if bounded is None:
         return lambda: None
-    import aiomysql
-
-    def bounded(*args: Any, **kwargs: Any) -> Awaitable[Any]:
-        return _connect_within(aiomysql.connect, timeout, args, kwargs)
 
     def add_creator(dialect: Any, rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         # SQLAlchemy's documented hook for a custom async connect (async_creator)
@@ -150,6 +217,18 @@ def _bound_connect(engine: Engine, policy: Policy) -> Callable[[], None]:
 
     event.listen(engine, "do_connect", add_creator)
     return lambda: event.remove(engine, "do_connect", add_creator)
+
+
+def _aiomysql_creator(timeout: float | None, driver: str) -> Callable[..., Awaitable[Any]] | None:
+    """``aiomysql.connect`` under ``timeout``; None for other drivers or no timeout."""
+    if timeout is None or driver != "aiomysql":
+        return None
+    import aiomysql
+
+    def bounded(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return _connect_within(aiomysql.connect, timeout, args, kwargs)
+
+    return bounded
 
 
 async def _connect_within(

@@ -114,6 +114,9 @@ class CircuitBreaker:
         self.clock = clock
         self.listeners: list[Any] = list(listeners)
         self._lock = threading.Lock()
+        # guards `rejected` alone: the open fast path counts rejections without _lock
+        # (taken after _lock when both are held)
+        self._count_lock = threading.Lock()
         self.state = CLOSED
         self._consecutive = 0
         self._half_open_successes = 0
@@ -158,11 +161,11 @@ class CircuitBreaker:
             # the common case while open: reject without taking the lock, so
             # callers rejected at once never queue behind each other
             if self._forced:
-                self.rejected += 1
+                self._reject()
                 raise Rejected(OPEN, None)
             left = self._opened_at + self.policy.reset_timeout - self.clock()
             if left > 0:
-                self.rejected += 1
+                self._reject()
                 raise Rejected(OPEN, left)
         with self._lock:
             if (
@@ -178,7 +181,7 @@ class CircuitBreaker:
             elif self.state is CLOSED:
                 token = 0
             else:
-                self.rejected += 1
+                self._reject()
                 raise Rejected(self.state, self._retry_in_locked())
             events = self._take_events()
         self._emit(events)
@@ -191,9 +194,13 @@ class CircuitBreaker:
                     if self._is_current(token):
                         self._probes = max(0, self._probes - 1)
                         self._last_probe_at = previous
-                    self.rejected += 1
+                    self._reject()
                 raise Rejected(HALF_OPEN, wait)
         return token
+
+    def _reject(self) -> None:
+        with self._count_lock:  # `+= 1` is a read and a write: never lose a concurrent one
+            self.rejected += 1
 
     def retry_in(self) -> float | None:
         """Seconds until the next probe is admitted, or None when closed (or forced open)."""
@@ -406,7 +413,9 @@ class CircuitBreaker:
             self._consecutive = 0
             self._probes = 0
             self._clear_window()
-            self.failures = self.successes = self.rejected = 0
+            self.failures = self.successes = 0
+            with self._count_lock:
+                self.rejected = 0
             self.last_failure = None
             self._requiet()
             events = self._take_events()

@@ -679,11 +679,14 @@ def classify(
             kind = _kind_from_pg(sqlstate, text)
         if kind is None and num is not None:
             kind = _kind_from_mysql(num, text, phase)
-        if kind is None:
-            kind = _kind_from_type(exc, phase) if _is_python_level(exc) else None
+        # a Python-level error (socket, pool timeout) is told by its type before its
+        # text; a driver error by its text first, its type only when the text says nothing
+        python_level = _is_python_level(exc)
+        if kind is None and python_level:
+            kind = _kind_from_type(exc, phase)
         if kind is None and _is_database_error(exc):
             kind = _kind_from_text(text)
-        if kind is None:
+        if kind is None and not python_level:
             kind = _kind_from_type(exc, phase)
         if kind is None:
             kind = Kind.UNKNOWN

@@ -113,7 +113,8 @@ def _merge_connect_args(url: URL, policy: Policy, given: dict[str, Any]) -> dict
         if key in query:  # set in the URL's query string: the URL wins
             merged.pop(key)
     if "options" in merged and "options" in given:
-        merged["options"] = f"{given['options']} {merged['options']}"
+        # libpq applies repeated -c settings in order: the caller's come last and win
+        merged["options"] = f"{merged['options']} {given['options']}"
         given = {k: v for k, v in given.items() if k != "options"}
     if "server_settings" in merged and "server_settings" in given:
         merged["server_settings"] = {**merged["server_settings"], **given["server_settings"]}
@@ -257,8 +258,9 @@ def wrap(
     policy = _check_policy(policy)
     if name is not None and not isinstance(name, str):
         raise ConfigurationError("name", "must be a string.", "Pass a short engine name.")
+    url, host_list, host_role = split_url(engine.url, hosts, role)
+    engine.url = url  # a ?host= list: the first host, so diagnostics name a real one
     label = name or _default_name(engine.url)
-    _, host_list, host_role = split_url(engine.url, hosts, role)
     r = Resilience(engine, label, policy, clock=clock or time.monotonic)
     install(engine, r)
     if host_list is not None:

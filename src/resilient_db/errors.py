@@ -199,8 +199,15 @@ def _bind_values(parameters: Any, depth: int = 0) -> set[str]:
     for v in items:
         if isinstance(v, (dict, list, tuple)):
             values |= _bind_values(v, depth + 1)
-        elif isinstance(v, (str, bytes, int, float)) and not isinstance(v, bool):
-            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        elif v is not None and not isinstance(v, bool):
+            # any scalar: UUID, Decimal, date and datetime keys are echoed in DETAIL lines too
+            try:
+                if isinstance(v, (bytes, bytearray, memoryview)):
+                    text = bytes(v).decode("utf-8", "replace")
+                else:
+                    text = str(v)
+            except Exception:  # pragma: no cover - a value whose str() fails
+                continue
             if len(text) >= _MIN_REDACT:
                 values.add(text)
     return values
@@ -238,12 +245,24 @@ def redact_parameters(parameters: Any, *excs: BaseException | None) -> None:
 
 
 def error_context(exc: BaseException | None) -> ErrorContext | None:
-    """Return the :class:`ErrorContext` attached to ``exc`` or to its causes."""
+    """Return the :class:`ErrorContext` attached to ``exc`` or to its causes.
+
+    Follows a SQLAlchemy error's ``orig`` and explicit causes (``raise ... from``),
+    never ``__context__``: an error raised inside an ``except`` block is not caused
+    by the error being handled and must not take its context.
+    """
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        ctx = getattr(exc, _CONTEXT_ATTR, None)
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        ctx = getattr(e, _CONTEXT_ATTR, None)
         if isinstance(ctx, ErrorContext):
             return ctx
-        exc = exc.__cause__ or exc.__context__
+        todo.append(e.__cause__)
+        orig = getattr(e, "orig", None)
+        if isinstance(orig, BaseException):
+            todo.append(orig)  # checked first
     return None

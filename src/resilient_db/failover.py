@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
 from ._hooks import _WATCHED_DRIVERS
@@ -325,10 +324,7 @@ class Failover:
         }
         self.roles: dict[Host, str] = {}
         self.current: Host | None = None
-        self.switches = 0
         self._lock = threading.Lock()
-        # id(DBAPI connection) -> its host, from do_connect until the pool's connect event
-        self._fresh: dict[int, Host] = {}
         self._targets = {h: dataclasses.replace(r.target, host=h.host, port=h.port) for h in hosts}
 
     # -- choosing a host --------------------------------------------------------------
@@ -359,8 +355,15 @@ class Failover:
         cargs: Any,
         cparams: dict[str, Any],
         open_: Callable[[Any, Any, dict[str, Any]], Any],
+        rec: Any = None,
     ) -> Any:
-        """One engine-level connect attempt: the first host that fits, in :meth:`order`."""
+        """One engine-level connect attempt: the first host that fits, in :meth:`order`.
+
+        ``rec`` is the pool's connection record being connected (the
+        ``do_connect`` event's; SQLAlchemy clears its ``info`` before each
+        connect): the chosen host is written into its ``info``, so that errors
+        on the connection name that host.
+        """
         params = {k: v for k, v in cparams.items() if k != "target_session_attrs"}
         outcomes: list[str] = []
         last_error: BaseException | None = None
@@ -406,7 +409,7 @@ class Failover:
                     self.roles[host] = seen
             if self.role == "any" or (seen == STANDBY) == (self.role == "prefer-standby"):
                 self._close(fallback)
-                return self._chosen(host, conn)
+                return self._chosen(host, conn, rec)
             if self.role == "prefer-standby" and fallback is None:
                 fallback = (host, conn)  # a primary serves reads when no standby is up
                 continue
@@ -415,7 +418,7 @@ class Failover:
             with contextlib.suppress(Exception):
                 conn.close()
         if fallback is not None:
-            return self._chosen(*fallback)
+            return self._chosen(*fallback, rec)
         raise self._no_host(outcomes, last_error, wrong_role)
 
     def _probe(self, conn: Any) -> str:
@@ -434,13 +437,12 @@ class Failover:
             with contextlib.suppress(Exception):
                 pair[1].close()
 
-    def _chosen(self, host: Host, conn: Any) -> Any:
+    def _chosen(self, host: Host, conn: Any, rec: Any) -> Any:
         with self._lock:
             previous = self.current
             self.current = host
-            if previous is not None and previous != host:
-                self.switches += 1
-            self._fresh[id(conn)] = host
+        if rec is not None:
+            rec.info[_HOST_KEY] = host
         if previous is not None and previous != host:
             logger.warning(
                 "Engine '%s' moved from %s to %s (role %s).",
@@ -512,13 +514,6 @@ class Failover:
 
     # -- after connect and on errors ----------------------------------------------------
 
-    def on_connect(self, dbapi_connection: Any, record: Any) -> None:
-        """Pool ``connect`` listener: remember the connection's host in its record."""
-        with self._lock:
-            host = self._fresh.pop(id(dbapi_connection), None)
-        if host is not None:
-            record.info[_HOST_KEY] = host
-
     def host_of(self, connection: Any) -> Host | None:
         """The host a Connection (or pooled connection) is connected to, if known."""
         try:
@@ -570,8 +565,6 @@ class Failover:
             conn = self.connect(dialect, cargs, {**cparams, **connect_args}, self.r._open)
         except Exception:
             return self.hosts[0]
-        with self._lock:
-            self._fresh.pop(id(conn), None)
         with contextlib.suppress(Exception):
             conn.close()
         return self.current or self.hosts[0]
@@ -594,7 +587,6 @@ def attach(engine: Engine, r: Resilience, hosts: tuple[Host, ...], role: Role) -
     backend, driver = engine.url.get_backend_name(), engine.dialect.driver
     fo = Failover(r, backend, hosts, role, clock=r.clock, driver=driver)
     r.failover = fo
-    event.listen(engine, "connect", fo.on_connect)
     return fo
 
 

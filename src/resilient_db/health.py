@@ -11,7 +11,10 @@ checks out a pooled connection and pings it within ``timeout`` seconds:
   touching the failing database) and while the pool has no free connection
   (``degraded``: a readiness probe must not queue behind the application);
 - a sync ping runs in a helper thread so the deadline holds even on a
-  blackholed network; at most one ping per engine is in flight.
+  blackholed network; at most one ping per engine is in flight: a sync call
+  that finds the previous ping still running reports it failed, an async call
+  that finds one in flight awaits that ping (within its own ``timeout``)
+  instead of checking out another connection.
 
 Status: ``down`` when the breaker is open or the ping failed; ``degraded``
 when the breaker is half-open or has counted recent failures, the pool is
@@ -233,13 +236,18 @@ def _no_free_connection(pool: Any) -> bool:
 def _failure(r: Any, exc: BaseException) -> str:
     ctx = error_context(exc)
     if ctx is None:
+        # a raw ping's error passed no hook: this is where the failure is seen
         c = classify(exc, phase="ping", target=r.target)
-        ctx = r.context(c, phase="ping")
+        ctx = r.record_error(c, r.context(c, phase="ping"))
     return f"ping failed ({ctx.kind}): {ctx.diagnosis}"
 
 
 _INFLIGHT: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKeyDictionary()
 _INFLIGHT_LOCK = threading.Lock()
+# health_async: the ping in flight per engine, and the timeout it was started with
+_INFLIGHT_ASYNC: weakref.WeakKeyDictionary[Any, tuple[asyncio.Task[None], float]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def health(engine: Any, *, ping: bool = False, timeout: float = 1.0) -> HealthSnapshot:
@@ -324,18 +332,37 @@ async def health_async(engine: Any, *, ping: bool = False, timeout: float = 1.0)
         raise ConfigurationError(
             "engine", "health_async() pings an AsyncEngine.", "Use health() for an Engine."
         )
+    loop = asyncio.get_running_loop()
+    with _INFLIGHT_LOCK:
+        task, limit = _INFLIGHT_ASYNC.get(r, (None, timeout))
+        if task is None or task.done() or task.get_loop() is not loop:
+            # the ping's own deadline: it is cancelled then even if every caller left
+            task = loop.create_task(asyncio.wait_for(_ping_async(engine), timeout))
+            task.add_done_callback(lambda t: _ping_done(r, t))
+            limit = timeout
+            _INFLIGHT_ASYNC[r] = (task, limit)
     t0 = time.perf_counter()
     try:
-        await asyncio.wait_for(_ping_async(engine), timeout)
+        # shielded: a caller that gives up (or is cancelled) leaves the shared ping alone
+        await asyncio.wait_for(asyncio.shield(task), timeout)
     except asyncio.TimeoutError:
         seconds = round(time.perf_counter() - t0, 6)
-        reason = f"ping failed: no answer within {timeout:g}s"
+        reason = f"ping failed: no answer within {min(timeout, limit):g}s"
         return _snapshot(sync, r, ping_ok=False, ping_seconds=seconds, ping_reason=reason)
     except Exception as e:
         seconds = round(time.perf_counter() - t0, 6)
         return _snapshot(sync, r, ping_ok=False, ping_seconds=seconds, ping_reason=_failure(r, e))
     _answered(r)
     return _snapshot(sync, r, ping_ok=True, ping_seconds=round(time.perf_counter() - t0, 6))
+
+
+def _ping_done(r: Any, task: asyncio.Task[None]) -> None:
+    """Forget the finished ping and mark its outcome retrieved (a caller may have left)."""
+    with _INFLIGHT_LOCK:
+        if _INFLIGHT_ASYNC.get(r, (None, 0.0))[0] is task:
+            del _INFLIGHT_ASYNC[r]
+    if not task.cancelled():
+        task.exception()
 
 
 async def _ping_async(engine: Any) -> None:

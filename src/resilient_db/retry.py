@@ -3,11 +3,20 @@
 A unit of work is a function that does its reads and writes on the Connection
 (or Session) it is given and does not commit. The runner gives every attempt a
 fresh transaction (and a fresh Session), commits it, and re-runs the whole
-function only when :func:`~resilient_db.classify` says the transaction was lost
-and nothing was committed: serialization failures, deadlocks, lock timeouts
-(after a rollback), disconnects and terminated sessions before COMMIT, failed
-connects. Application errors, statement timeouts, configuration errors, an open
-circuit breaker and cancellation are raised at once.
+function only when the error's classification (the engine's
+:class:`~resilient_db.ErrorContext` when it attached one, else
+:func:`~resilient_db.classify`) says the transaction was lost and nothing was
+committed: serialization failures, deadlocks, lock timeouts (after a rollback),
+disconnects and terminated sessions before COMMIT, failed connects.
+Application errors, statement timeouts, configuration errors, an open circuit
+breaker, an exhausted pool and cancellation are raised at once.
+
+Connect attempts the engine already made count against the unit's attempts,
+so a refused connection is tried ``attempts`` times, not ``attempts**2``. A
+unit is never re-run once its work may have been committed: an engine in
+AUTOCOMMIT isolation is refused up front (unless ``read_only=True``), and an
+attempt in which ``fn`` committed or rolled back the runner's transaction
+itself is not retried.
 
 An ambiguous commit (the connection died while COMMIT was in flight) is never
 re-run blindly: it raises :class:`~resilient_db.AmbiguousCommitError` unless the
@@ -36,7 +45,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import _backoff
 from . import idempotency as _idem
-from .classify import _RULES, Classification, Kind, RetryLevel, Target, _format, classify
+from .classify import Classification, Kind, RetryLevel, Target, classify
 from .config import DEFAULT_POLICY, Policy, RetryPolicy
 from .errors import _CONTEXT_ATTR, AmbiguousCommitError, ConfigurationError, ErrorContext, attach
 
@@ -134,12 +143,14 @@ class _Unit:
 class _Try:
     """One attempt's progress: where it failed and what ``fn`` returned."""
 
-    __slots__ = ("claimed", "phase", "result")
+    __slots__ = ("claimed", "escaped", "phase", "result")
 
     def __init__(self) -> None:
         self.phase = "connect"
         self.result: Any = _MISSING
         self.claimed = False
+        # fn committed or rolled back the runner's transaction: its work may be committed
+        self.escaped = False
 
 
 def _check_args(
@@ -180,6 +191,66 @@ def _check_args(
             f"must be a transaction isolation level, got {isolation_level!r}.",
             "Use e.g. 'SERIALIZABLE' or 'REPEATABLE READ'; AUTOCOMMIT has no transaction to retry.",
         )
+
+
+def _sync_binds(bind: Any) -> list[Engine | Connection]:
+    """The sync Engines and Connections an (async) engine or (async_)sessionmaker uses."""
+    kw = getattr(bind, "kw", None)
+    if isinstance(kw, dict):  # sessionmaker / async_sessionmaker
+        binds = kw.get("binds")
+        found = [kw.get("bind"), *(binds.values() if isinstance(binds, dict) else ())]
+    else:
+        found = [bind]
+    out: list[Engine | Connection] = []
+    for b in found:
+        if not isinstance(b, (Engine, Connection)):  # AsyncEngine / AsyncConnection
+            b = getattr(b, "sync_connection", None) or getattr(b, "sync_engine", None)
+        if isinstance(b, (Engine, Connection)):
+            out.append(b)
+    return out
+
+
+def _is_autocommit(bind: Engine | Connection) -> bool:
+    """True when connections of ``bind`` run in AUTOCOMMIT isolation (no I/O).
+
+    The level comes from execution options (``engine.execution_options(...)``,
+    ``conn.execution_options(...)``) or, failing that, from
+    ``create_engine(isolation_level=...)``, which SQLAlchemy keeps on the dialect;
+    ``Connection._is_autocommit_isolation()`` reads the same two places.
+    """
+    level = bind.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(bind.dialect, "_on_connect_isolation_level", None)
+    return isinstance(level, str) and level.upper() == "AUTOCOMMIT"
+
+
+def _check_transactional(bind: Any, unit: _Unit) -> None:
+    """Refuse a bind whose connections would commit every statement on its own.
+
+    A re-run would then repeat writes that were already committed. A read-only
+    unit writes nothing, and a unit's own ``isolation_level`` replaces the bind's.
+    """
+    if unit.read_only or unit.isolation_level is not None:
+        return
+    if any(_is_autocommit(b) for b in _sync_binds(bind)):
+        raise ConfigurationError(
+            "isolation_level",
+            "the engine (or connection) runs in AUTOCOMMIT isolation: every statement "
+            "commits on its own, so a re-run would repeat writes that already committed.",
+            "Use an engine without isolation_level='AUTOCOMMIT' (e.g. "
+            "engine.execution_options(isolation_level='READ COMMITTED')), pass "
+            "isolation_level='READ COMMITTED' to the runner, or read_only=True for a unit "
+            "that only reads.",
+        )
+
+
+def _warn_escaped() -> None:
+    logger.warning(
+        "A unit of work committed or rolled back the runner's transaction itself; the "
+        "runner committed what it left, and will not re-run such an attempt after a failure. "
+        "Let the runner commit.",
+        extra={"resilient_db": {"event": "unit_ended_transaction"}},
+    )
 
 
 def _claim_failed(exc: BaseException) -> bool:
@@ -229,10 +300,17 @@ def _engine_once(engine: Engine, u: _Unit, t: _Try) -> Any:
             if not _claim(conn, u.key):
                 return _DUPLICATE
             t.claimed = True
-        result = u.fn(conn)
+        try:
+            result = u.fn(conn)
+        finally:
+            t.escaped = conn.get_transaction() is not trans
         t.result = result
         t.phase = "commit"
-        trans.commit()
+        if t.escaped:
+            _warn_escaped()
+            conn.commit()  # what fn did after its own commit; a no-op without a transaction
+        else:
+            trans.commit()
         return result
     finally:
         _close(conn)
@@ -242,6 +320,7 @@ def _session_once(factory: sessionmaker[Any], u: _Unit, t: _Try) -> Any:
     t.phase = "execute"
     session = factory()
     try:
+        trans = session.begin()  # no I/O: the connection is taken on first use
         if u.isolation_level is not None or u.read_only:
             dialect = session.get_bind().dialect.name
             opts = u.options(dialect)
@@ -253,11 +332,17 @@ def _session_once(factory: sessionmaker[Any], u: _Unit, t: _Try) -> Any:
             if not _claim(session, u.key):
                 return _DUPLICATE
             t.claimed = True
-        result = u.fn(session)
-        t.result = result
-        session.flush()
+        try:
+            result = u.fn(session)
+            t.result = result
+            session.flush()
+        finally:
+            t.escaped = session.get_transaction() is not trans
         t.phase = "commit"
-        session.commit()
+        if t.escaped:
+            _warn_escaped()
+        if not t.escaped or session.get_transaction() is not None:
+            session.commit()
         return result
     finally:
         _close(session)
@@ -327,10 +412,19 @@ async def _aengine_once(engine: AsyncEngine, u: _Unit, t: _Try) -> Any:
             if not await _aclaim(conn, u.key):
                 return _DUPLICATE
             t.claimed = True
-        result = await u.fn(conn)
+        try:
+            result = await u.fn(conn)
+        finally:
+            sync = conn.sync_connection
+            now = sync.get_transaction() if sync is not None else None
+            t.escaped = now is not trans.sync_transaction
         t.result = result
         t.phase = "commit"
-        await trans.commit()
+        if t.escaped:
+            _warn_escaped()
+            await conn.commit()
+        else:
+            await trans.commit()
         return result
     finally:
         await _aclose(conn)
@@ -340,8 +434,10 @@ async def _asession_once(factory: async_sessionmaker[Any], u: _Unit, t: _Try) ->
     t.phase = "execute"
     session = factory()
     try:
+        sync = session.sync_session
+        trans = sync.begin()  # no I/O: the connection is taken on first use
         if u.isolation_level is not None or u.read_only:
-            dialect = session.sync_session.get_bind().dialect.name
+            dialect = sync.get_bind().dialect.name
             opts = u.options(dialect)
             if opts:
                 await session.connection(execution_options=opts)
@@ -351,11 +447,17 @@ async def _asession_once(factory: async_sessionmaker[Any], u: _Unit, t: _Try) ->
             if not await _aclaim(session, u.key):
                 return _DUPLICATE
             t.claimed = True
-        result = await u.fn(session)
-        t.result = result
-        await session.flush()
+        try:
+            result = await u.fn(session)
+            t.result = result
+            await session.flush()
+        finally:
+            t.escaped = sync.get_transaction() is not trans
         t.phase = "commit"
-        await session.commit()
+        if t.escaped:
+            _warn_escaped()
+        if not t.escaped or sync.get_transaction() is not None:
+            await session.commit()
         return result
     finally:
         await _aclose(session)
@@ -421,8 +523,29 @@ def _from_database(exc: BaseException) -> bool:
 
 
 def _own_context(exc: BaseException) -> ErrorContext | None:
+    """The context attached to ``exc`` itself (never one of its causes')."""
     ctx = getattr(exc, _CONTEXT_ATTR, None)
     return ctx if isinstance(ctx, ErrorContext) else None
+
+
+def _judged(c: Classification, ctx: ErrorContext | None) -> Classification:
+    """``c`` with the retry level the engine recorded in ``ctx``, when there is one.
+
+    The engine knows more than the error: a multi-host engine re-routes a write
+    refused by a demoted primary and records that it may be re-run.
+    """
+    if ctx is None or ctx.retry == c.retry.value:
+        return c
+    try:
+        return dataclasses.replace(c, retry=RetryLevel(ctx.retry))
+    except ValueError:  # pragma: no cover - contexts are built from RetryLevel values
+        return c
+
+
+_ESCAPED = (
+    "Not re-run: the unit of work committed or rolled back the runner's transaction "
+    "itself, so some of its writes may already be committed. Let the runner commit."
+)
 
 
 class _Control:
@@ -465,6 +588,7 @@ class _Control:
         self.last_exc: BaseException | None = None
         self.last_c: Classification | None = None
         self.last_phase = "execute"
+        self.escaped = False
         self.retry_ok = False
 
     # -- per failure -----------------------------------------------------------
@@ -474,24 +598,38 @@ class _Control:
         if t.claimed:  # this attempt inserted the key: no earlier attempt committed
             self.pending, self.ambiguous_result = 0, _MISSING
         self.last_exc, self.last_phase, self.last_c = exc, t.phase, None
+        self.escaped = t.escaped
         if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt, SystemExit
             self.history.append(Kind.CANCELLED.value)
+            return False
+        if isinstance(exc, ConfigurationError):
+            self.history.append(Kind.CONFIGURATION.value)
             return False
         if not _from_database(exc):
             self.history.append(Kind.APPLICATION.value)
             return False
         phase = "execute" if t.phase == "verify" else t.phase
-        c = classify(exc, phase=phase, target=self.target)
-        self.last_c = c
         ctx = _own_context(exc)
-        label = ctx.kind if ctx is not None else c.kind.value
-        code = ctx.code if ctx is not None else c.code
-        self.history.append(f"{label}:{code}" if code else label)
+        c = _judged(classify(exc, phase=phase, target=self.target), ctx)
+        self.last_c = c
+        if ctx is not None and ctx.phase == "connect" and ctx.history:
+            # the engine already retried the connect: those attempts count against
+            # the unit's, so a refused connection is tried `attempts` times in all
+            self.history.extend(ctx.history)
+            self.attempt += max(1, ctx.attempt) - 1
+        else:
+            label = ctx.kind if ctx is not None else c.kind.value
+            code = ctx.code if ctx is not None else c.code
+            self.history.append(f"{label}:{code}" if code else label)
         if c.kind is Kind.AMBIGUOUS_COMMIT:
-            if self.unit.read_only:  # nothing was written: re-running is harmless
+            if self.unit.read_only and not t.escaped:  # nothing was written: re-run
                 return True
             self.pending, self.ambiguous_result = self.attempt, t.result
-            return self.unit.key is not None or self.unit.verify is not None
+            return (self.unit.key is not None or self.unit.verify is not None) and not t.escaped
+        if t.escaped or c.kind is Kind.POOL_EXHAUSTED:
+            # work may be committed; or the pool (or its bulkhead) is shedding load,
+            # which a re-run would only add to
+            return False
         return c.retry is not RetryLevel.NEVER
 
     def verified(self, committed: bool) -> None:
@@ -524,25 +662,28 @@ class _Control:
         """The sleep before attempt 2, or None when attempts or deadline are used up."""
         p = self.policy
         pause = _backoff.backoff(p, 1)
-        if p.attempts <= 1 or time.monotonic() - self.t0 + pause >= p.deadline:
+        if self.attempt >= p.attempts or time.monotonic() - self.t0 + pause >= p.deadline:
             return None
         self._log_retry(pause)
         return pause
 
     def retrying_kwargs(self) -> dict[str, Any]:
         """tenacity arguments for attempts 2..n (the first attempt ran outside tenacity)."""
-        from tenacity import (
-            retry_if_exception,
-            stop_after_attempt,
-            stop_before_delay,
-            wait_random_exponential,
-        )
+        from tenacity import retry_if_exception, stop_before_delay, wait_random_exponential
+        from tenacity.stop import stop_base
+
+        ctl = self
+
+        class _Spent(stop_base):
+            # attempts are counted by the unit, which adds the engine's connect attempts
+            def __call__(self, retry_state: Any) -> bool:
+                return ctl.attempt >= ctl.policy.attempts
 
         p = self.policy
         remaining = max(0.0, p.deadline - (time.monotonic() - self.t0))
         return {
             "retry": retry_if_exception(self._should_retry),
-            "stop": stop_after_attempt(p.attempts - 1) | stop_before_delay(remaining),
+            "stop": _Spent() | stop_before_delay(remaining),
             # tenacity's n-th wait is our attempt n+1's: initial * 2**n, capped, full jitter
             "wait": wait_random_exponential(multiplier=p.initial * 2, max=p.max_backoff),
             "before_sleep": self._before_sleep,
@@ -605,20 +746,18 @@ class _Control:
                 attach(exc, self._plain_context(None, fields))
             return exc
         base = _own_context(exc) or self._context(c)
+        if self.escaped and exc is self.last_exc:
+            diagnosis = f"{base.diagnosis} {_ESCAPED}" if base.diagnosis else _ESCAPED
+            fields = {**fields, "retry": RetryLevel.NEVER.value, "diagnosis": diagnosis}
         attach(exc, dataclasses.replace(base, **fields))  # type: ignore[arg-type]
         return exc
 
     def _ambiguous(
         self, exc: BaseException, c: Classification | None, fields: dict[str, Any], here: bool
     ) -> AmbiguousCommitError:
-        retry, counts, template = _RULES[Kind.AMBIGUOUS_COMMIT]
-        verdict = Classification(
-            Kind.AMBIGUOUS_COMMIT,
-            retry,
-            counts,
-            c.code if c else None,
-            _format(template, self.target),
-        )
+        # what classify() says of any connection lost during COMMIT, with this error's code
+        lost = classify(TimeoutError("commit"), phase="commit", target=self.target)
+        verdict = dataclasses.replace(lost, code=c.code if c else None)
         if here:
             message = f"Engine '{self.name}': {verdict.diagnosis} (cause: {type(exc).__name__})"
         else:
@@ -714,6 +853,7 @@ def _run_sync(
     _check_args(fn, policy, read_only, key, verify, isolation_level, is_async=False)
     once = _sync_runner(bind)
     unit = _Unit(fn, read_only, key, verify, isolation_level)
+    _check_transactional(bind, unit)
     t0 = time.monotonic()
     t = _Try()
     try:
@@ -785,6 +925,7 @@ async def _run_async(
     _check_args(fn, policy, read_only, key, verify, isolation_level, is_async=True)
     once = _async_runner(bind)
     unit = _Unit(fn, read_only, key, verify, isolation_level)
+    _check_transactional(bind, unit)
     t0 = time.monotonic()
     t = _Try()
     try:
@@ -845,12 +986,20 @@ def run_transaction(
     ``bind`` is an :class:`~sqlalchemy.engine.Engine` (``fn`` receives a
     Connection inside a transaction) or a :class:`~sqlalchemy.orm.sessionmaker`
     (``fn`` receives a fresh Session per attempt). ``fn`` must not commit; the
-    runner commits and returns ``fn``'s result.
+    runner commits and returns ``fn``'s result. An attempt in which ``fn``
+    committed or rolled back the runner's transaction itself is never re-run
+    (its work may be committed); a bind in AUTOCOMMIT isolation raises
+    :class:`~resilient_db.ConfigurationError` unless ``read_only=True`` or
+    ``isolation_level`` is given.
 
-    - Re-run only when :func:`~resilient_db.classify` says the transaction was
-      lost before COMMIT (``RetryLevel.TRANSACTION`` or ``CONNECT``), with
-      full-jitter backoff, within ``policy.retry.attempts`` and ``deadline``
-      (default: the engine's policy, else ``DEFAULT_POLICY``).
+    - Re-run only when the error's classification (the engine's
+      :class:`~resilient_db.ErrorContext`, else :func:`~resilient_db.classify`)
+      says the transaction was lost before COMMIT (``RetryLevel.TRANSACTION``
+      or ``CONNECT``), with full-jitter backoff, within ``policy.retry.attempts``
+      and ``deadline`` (default: the engine's policy, else ``DEFAULT_POLICY``).
+      Connect attempts the engine already made count against ``attempts``; an
+      exhausted pool (:class:`~resilient_db.PoolExhaustedError`, including
+      bulkhead rejections) is never re-run.
     - ``read_only=True``: the transaction is made read-only (PostgreSQL,
       MySQL/MariaDB) and may also be re-run after an ambiguous commit.
     - An ambiguous commit raises :class:`~resilient_db.AmbiguousCommitError`,
@@ -1044,6 +1193,16 @@ def transactional_async(
         )
 
     def decorate(fn: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[Any]]:
+        if not (
+            inspect.iscoroutinefunction(fn)
+            or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+        ):
+            raise ConfigurationError(
+                "transactional_async",
+                "decorates a plain (sync) function; the runner would await its result.",
+                "Declare it with `async def`, or use transactional with a sync Engine.",
+            )
+
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             key = idempotency_key(*args, **kwargs) if idempotency_key is not None else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import socket
 import time
 import uuid
@@ -13,62 +12,47 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import URL, Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from resilient_db.testing import Fault, FaultProxy
 
-SERVER_HOST = "127.0.0.1"
 LATENCY_S = 0.15
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A real database server the proxy is put in front of."""
+    """A real database server (from the conftest URL fixtures) the proxy is put in front of."""
 
     name: str
-    port: int
-    url_template: str
+    server: URL
     connect_args: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def host(self) -> str:
+        return self.server.host or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self.server.port or (5432 if self.name == "postgresql" else 3306)
+
     def url(self, host: str, port: int) -> str:
-        return self.url_template.format(host=host, port=port)
+        return self.server.set(host=host, port=port).render_as_string(hide_password=False)
 
 
 BACKENDS = [
     pytest.param(
-        Backend(
-            "postgresql",
-            5432,
-            "postgresql+psycopg://postgres@{host}:{port}/test",
-            {"connect_timeout": 2},
-        ),
+        ("postgresql", "pg_url", {"connect_timeout": 2}),
         id="postgresql",
         marks=pytest.mark.postgres,
     ),
     pytest.param(
-        Backend(
-            "mariadb",
-            3306,
-            "mysql+pymysql://root@{host}:{port}/test",
-            {"connect_timeout": 2, "read_timeout": 2},
-        ),
+        ("mariadb", "mariadb_url", {"connect_timeout": 2, "read_timeout": 2}),
         id="mariadb",
         marks=pytest.mark.mariadb,
     ),
 ]
-
-
-def require_server(backend: Backend) -> None:
-    """Skip (or fail when CI == "true") if ``backend`` is not reachable."""
-    try:
-        socket.create_connection((SERVER_HOST, backend.port), timeout=1).close()
-    except OSError as exc:
-        message = f"{backend.name} not reachable at {SERVER_HOST}:{backend.port}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
@@ -83,14 +67,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Backend:
-    param: Backend = request.param
-    require_server(param)
-    return param
+    """The server behind the proxy: the conftest URL fixture (skips or fails when down)."""
+    name, fixture, connect_args = request.param
+    return Backend(name, make_url(request.getfixturevalue(fixture)), connect_args)
 
 
 @pytest.fixture
 def proxy(backend: Backend) -> Iterator[FaultProxy]:
-    with FaultProxy(SERVER_HOST, backend.port) as fault_proxy:
+    with FaultProxy(backend.host, backend.port) as fault_proxy:
         yield fault_proxy
     assert fault_proxy.errors == ()
 
@@ -116,7 +100,7 @@ def fresh_engine(backend: Backend, proxy: FaultProxy) -> Iterator[Engine]:
 
 @pytest.fixture
 def direct(backend: Backend) -> Iterator[Engine]:
-    eng = create_engine(backend.url(SERVER_HOST, backend.port), poolclass=NullPool)
+    eng = create_engine(backend.url(backend.host, backend.port), poolclass=NullPool)
     yield eng
     eng.dispose()
 
@@ -280,7 +264,7 @@ def test_schedule_applies_modes_in_order(proxy: FaultProxy, fresh_engine: Engine
 def test_close_is_clean_and_idempotent(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     """close() with a live connection joins the thread, frees the port, logs nothing."""
     caplog.set_level(logging.DEBUG, logger="asyncio")
-    proxy = FaultProxy(SERVER_HOST, backend.port).start()
+    proxy = FaultProxy(backend.host, backend.port).start()
     eng = create_engine(backend.url(proxy.host, proxy.port), connect_args=backend.connect_args)
     try:
         with eng.connect() as conn:

@@ -283,8 +283,12 @@ def drill(
             base.end = time.monotonic()
             phases.append(base)
             for fault in scenario:
+                # The fault bites during _apply (reset_all breaks calls at once), so it
+                # begins before it, and the previous phase ends at that very instant:
+                # every request, counted by completion, falls in exactly one phase.
+                start = time.monotonic()
+                phases[-1].end = start
                 _apply(proxy, fault, latency)
-                start = time.monotonic()  # in effect from here
                 say.say(f"fault {fault}: {FAULTS[fault]}")
                 ph = Phase(fault, fault, start)
                 _wait(phase_seconds, ticker(fault, start))
