@@ -140,26 +140,18 @@ class Resilience:
         call :meth:`record_error` too. ``target`` names the host actually tried
         (multi-host engines); default: the URL's.
         """
-        t = target or self.target
-        return ErrorContext(
-            engine=self.name,
-            dialect=t.dialect,
-            driver=t.driver,
-            host=t.host,
-            port=t.port,
-            database=t.database,
-            user=t.user,
+        return ErrorContext.for_target(
+            self.name,
+            target or self.target,
+            c,
             phase=phase,
             attempt=attempt,
             elapsed=round(elapsed, 6),
             breaker_state=self.breaker.state if self.breaker is not None else None,
-            code=c.code,
-            kind=c.kind.value,
-            retry=c.retry.value,
-            diagnosis=diagnosis if diagnosis is not None else c.diagnosis,
             history=history,
             retry_in=retry_in,
             extra=extra,
+            **({} if diagnosis is None else {"diagnosis": diagnosis}),
         )
 
     def record_error(self, c: Classification, ctx: ErrorContext) -> ErrorContext:
@@ -220,10 +212,7 @@ class Resilience:
     def connect(self, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
         """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record)."""
         start = self.clock()
-        self.connect_attempts += 1
         try:
-            for fault in self.connect_faults:
-                fault()
             return self._connect_once(dialect, cargs, cparams, rec)
         except _EXIT:
             raise
@@ -233,6 +222,10 @@ class Resilience:
         return self._connect_retrying(dialect, cargs, cparams, error, start, rec)
 
     def _connect_once(self, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
+        """One connect attempt: injected faults first, then the (failover-chosen) host."""
+        self.connect_attempts += 1
+        for fault in self.connect_faults:
+            fault()
         if self.failover is not None:  # a multi-host engine picks the host (failover.py)
             return self.failover.connect(dialect, cargs, cparams, self._open, rec)
         return self._open(dialect, cargs, cparams)
@@ -282,10 +275,7 @@ class Resilience:
                     self.telemetry.connect_retry(c, attempt, pause)
                 self._sleep(pause)
                 attempt += 1
-                self.connect_attempts += 1
                 try:
-                    for fault in self.connect_faults:
-                        fault()
                     return self._connect_once(dialect, cargs, cparams, rec)
                 except _EXIT:
                     raise

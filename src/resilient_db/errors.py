@@ -66,6 +66,33 @@ class ErrorContext:
     retry_in: float | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
+    @classmethod
+    def for_target(
+        cls, engine: str, target: Any, verdict: Any, *, phase: str, **fields: Any
+    ) -> ErrorContext:
+        """A context for ``target`` (a :class:`~resilient_db.Target`) and a verdict.
+
+        ``verdict`` is a :class:`~resilient_db.Classification` (or None for an
+        application error without one); ``fields`` set or override the rest.
+        """
+        base: dict[str, Any] = {
+            "dialect": target.dialect,
+            "driver": target.driver,
+            "host": target.host,
+            "port": target.port,
+            "database": target.database,
+            "user": target.user,
+        }
+        if verdict is not None:
+            base.update(
+                code=verdict.code,
+                kind=verdict.kind.value,
+                retry=verdict.retry.value,
+                diagnosis=verdict.diagnosis,
+            )
+        base.update(fields)
+        return cls(engine=engine, phase=phase, **base)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the context as a JSON-serialisable dict."""
         data = dataclasses.asdict(self)

@@ -497,19 +497,8 @@ class Failover:
         return rejected
 
     def _context(self, c: Classification, t: Target, kind: str, retry: RetryLevel) -> ErrorContext:
-        return ErrorContext(
-            engine=self.r.name,
-            dialect=t.dialect,
-            driver=t.driver,
-            host=t.host,
-            port=t.port,
-            database=t.database,
-            user=t.user,
-            phase="connect",
-            code=c.code,
-            kind=kind,
-            retry=retry.value,
-            diagnosis=c.diagnosis,
+        return ErrorContext.for_target(
+            self.r.name, t, c, phase="connect", kind=kind, retry=retry.value
         )
 
     # -- after connect and on errors ----------------------------------------------------

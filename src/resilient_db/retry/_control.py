@@ -312,19 +312,11 @@ class _Control:
     def _plain_context(
         self, c: Classification | None, fields: dict[str, Any], phase: str = "execute"
     ) -> ErrorContext:
-        t = self.target
-        ctx = ErrorContext(
-            engine=self.name,
-            dialect=t.dialect,
-            driver=t.driver,
-            host=t.host,
-            port=t.port,
-            database=t.database,
-            user=t.user,
+        ctx = ErrorContext.for_target(
+            self.name,
+            self.target,
+            c,
             phase=phase,
-            code=c.code if c is not None else None,
-            kind=(c.kind if c is not None else Kind.APPLICATION).value,
-            retry=RetryLevel.NEVER.value if c is None else c.retry.value,
-            diagnosis=c.diagnosis if c is not None else "",
+            **({} if c is not None else {"kind": Kind.APPLICATION.value}),
         )
         return dataclasses.replace(ctx, **fields) if fields else ctx
