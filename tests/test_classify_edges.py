@@ -179,3 +179,12 @@ def test_python_level_error_is_typed_once(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(classify_module, "_kind_from_type", counting)
     c = classify(OSError(5, "odd"), phase="execute")
     assert (Kind.UNKNOWN, 1) == (c.kind, len(calls))
+
+
+def test_mysql_2003_reset_during_handshake_is_a_disconnect() -> None:
+    """PyMySQL reports a reset during the handshake as 2003; it is not 'refused'."""
+    orig = pymysql.err.OperationalError(
+        2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 104] Connection reset by peer)"
+    )
+    c = classify(sa_exc.OperationalError(None, None, orig), phase="connect")
+    assert (Kind.DISCONNECT, RetryLevel.CONNECT) == (c.kind, c.retry)

@@ -564,6 +564,8 @@ def _kind_from_mysql(num: int, text: str, phase: str | None) -> Kind | None:
             return Kind.DNS
         if "timed out" in text:
             return Kind.CONNECT_TIMEOUT
+        if "connection reset" in text or "errno 104]" in text:
+            return Kind.DISCONNECT  # something listened, then dropped the handshake
         return Kind.REFUSED
     if num == 2013 and "timed out" in text:
         return Kind.CONNECT_TIMEOUT if phase == "connect" else Kind.READ_TIMEOUT

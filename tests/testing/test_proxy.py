@@ -1,4 +1,8 @@
-"""Tests for :class:`resilient_db.testing.FaultProxy` against the real PostgreSQL and MariaDB."""
+"""Tests for :class:`resilient_db.testing.FaultProxy` against the real PostgreSQL and MariaDB.
+
+These drive plain SQLAlchemy engines through the proxy; ``test_proxy_resilient.py`` puts
+every fault in front of a resilient engine and checks classification, breaker and retry.
+"""
 
 from __future__ import annotations
 
@@ -288,3 +292,26 @@ def test_close_is_clean_and_idempotent(backend: Backend, caplog: pytest.LogCaptu
     gc.collect()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert proxy.errors == ()
+
+
+def test_fault_arguments_are_validated() -> None:
+    """Bad latency, jitter, bandwidth, reset_after and schedule arguments raise at once."""
+    with FaultProxy("127.0.0.1", 9) as proxy:  # nothing connects: no upstream needed
+        with pytest.raises(ValueError):
+            proxy.latency(-0.1)
+        with pytest.raises(ValueError):
+            proxy.latency(0.1, jitter=-0.1)
+        with pytest.raises(ValueError):
+            proxy.bandwidth(0)
+        with pytest.raises(ValueError):
+            proxy.reset_after(-1)
+        with pytest.raises(ValueError):
+            proxy.schedule([(-1.0, "refuse")])
+        with pytest.raises(TypeError):
+            proxy.schedule([(0.0, "latency")])
+        proxy.latency(0.1, jitter=0.2)
+        proxy.bandwidth(1000)
+        proxy.latency(0)
+        proxy.bandwidth(None)
+        assert proxy.mode is Fault.PASSTHROUGH
+        assert proxy.errors == ()
