@@ -34,6 +34,7 @@ from resilient_db import (
 )
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import driver_defaults, resilience_of
+from resilient_db.testing import ManualClock
 from resilient_db.testing.proxy import FaultProxy
 from tests.conftest import SENTINEL
 
@@ -46,19 +47,6 @@ ASYNC_DRIVERS = {
 
 
 MY_URL = "mysql+aiomysql://app@127.0.0.1:1/shop"  # never connected to
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def policy(
@@ -647,7 +635,7 @@ async def test_breaker_trips_rejects_probes_and_closes(
     async_server_url: str, proxy: FaultProxy
 ) -> None:
     """Refused connects open it; open rejects without I/O; a good probe closes it."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_async_engine(
         via(async_server_url, proxy), policy=policy(half_open=1), clock=clock
     )
@@ -680,7 +668,7 @@ async def test_breaker_trips_rejects_probes_and_closes(
 
 async def test_failed_probe_reopens(async_server_url: str, proxy: FaultProxy) -> None:
     """A half-open probe that fails opens the breaker again for a full reset timeout."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_async_engine(
         via(async_server_url, proxy), policy=policy(), clock=clock
     )

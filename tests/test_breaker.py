@@ -14,26 +14,14 @@ import pytest
 
 from resilient_db import BreakerPolicy, CircuitBreaker, breaker
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN, Rejected
+from resilient_db.testing import ManualClock
 
 
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make(clock: FakeClock | None = None, **policy: Any) -> CircuitBreaker:
+def make(clock: ManualClock | None = None, **policy: Any) -> CircuitBreaker:
     """A breaker with a short reset timeout and the given policy overrides."""
     fields: dict[str, Any] = {"failure_threshold": 3, "reset_timeout": 5.0}
     fields.update(policy)
-    return CircuitBreaker("test", BreakerPolicy(**fields), clock=clock or FakeClock())
+    return CircuitBreaker("test", BreakerPolicy(**fields), clock=clock or ManualClock())
 
 
 def trip(cb: CircuitBreaker) -> None:
@@ -91,7 +79,7 @@ def test_failure_rate_window_slides() -> None:
 
 def test_open_rejects_with_retry_in() -> None:
     """While open, before_call raises Rejected with the time left until the next probe."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, reset_timeout=5.0)
     trip(cb)
     clock.advance(2.0)
@@ -105,7 +93,7 @@ def test_open_rejects_with_retry_in() -> None:
 
 def test_half_open_admits_the_configured_number_of_probes() -> None:
     """After reset_timeout exactly half_open_max_calls probes are admitted at a time."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, half_open_max_calls=2)
     trip(cb)
     clock.advance(5.0)
@@ -120,7 +108,7 @@ def test_half_open_admits_the_configured_number_of_probes() -> None:
 
 def test_half_open_default_is_one_probe_at_a_time() -> None:
     """The default policy lets one probe through; a release frees the slot."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = CircuitBreaker("d", BreakerPolicy(reset_timeout=1.0), clock=clock)
     for _ in range(BreakerPolicy().failure_threshold):
         cb.record_failure()
@@ -134,7 +122,7 @@ def test_half_open_default_is_one_probe_at_a_time() -> None:
 
 def test_probe_success_closes() -> None:
     """One successful probe closes the breaker (success_threshold=1)."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     trip(cb)
     clock.advance(5.0)
@@ -145,7 +133,7 @@ def test_probe_success_closes() -> None:
 
 def test_success_threshold_needs_that_many_probes() -> None:
     """With success_threshold=2 the first good probe leaves it half-open."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, success_threshold=2)
     trip(cb)
     clock.advance(5.0)
@@ -157,7 +145,7 @@ def test_success_threshold_needs_that_many_probes() -> None:
 
 def test_non_probe_success_does_not_close() -> None:
     """A success from a call admitted before the breaker opened is no probe."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     trip(cb)
     clock.advance(5.0)
@@ -168,7 +156,7 @@ def test_non_probe_success_does_not_close() -> None:
 
 def test_failed_probe_reopens_and_next_probe_is_due_from_its_admission() -> None:
     """A probe that hung 4 s then failed: the next probe is due 5 s after it was admitted."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, reset_timeout=5.0)
     trip(cb)
     clock.advance(5.0)
@@ -183,7 +171,7 @@ def test_failed_probe_reopens_and_next_probe_is_due_from_its_admission() -> None
 
 def test_any_counted_failure_in_half_open_reopens() -> None:
     """A failure reported while half-open, even from a non-probe call, reopens."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     trip(cb)
     clock.advance(5.0)
@@ -194,7 +182,7 @@ def test_any_counted_failure_in_half_open_reopens() -> None:
 
 def test_stale_probe_token_does_not_free_a_current_slot() -> None:
     """The outcome of a probe from an earlier half-open period leaves the current probe alone."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     trip(cb)
     clock.advance(5.0)
@@ -214,7 +202,7 @@ def test_stale_probe_token_does_not_free_a_current_slot() -> None:
 
 def test_force_open_holds_until_force_close() -> None:
     """force_open rejects even after reset_timeout, with no retry_in; force_close closes."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     cb.force_open()
     clock.advance(3600)
@@ -230,7 +218,7 @@ def test_force_open_holds_until_force_close() -> None:
 
 def test_reset_clears_counters_and_the_consecutive_count() -> None:
     """reset() closes and zeroes counters, including failures counted while closed."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, failure_threshold=3)
     cb.record_failure("a")
     cb.record_failure("b")
@@ -269,7 +257,7 @@ def test_listener_is_called_outside_the_lock() -> None:
         def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
             seen.append((old_state, new_state, cb.snapshot().state))
 
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     cb.listeners.append(Listener())
     trip(cb)
@@ -281,7 +269,7 @@ def test_listener_is_called_outside_the_lock() -> None:
 
 def test_lock_is_free_after_admission() -> None:
     """before_call returns with the lock released: the database call runs without it."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock)
     trip(cb)
     clock.advance(5.0)
@@ -291,7 +279,7 @@ def test_lock_is_free_after_admission() -> None:
 
 def test_concurrent_admission_in_half_open_is_bounded() -> None:
     """16 threads racing for probes in half-open: exactly half_open_max_calls get through."""
-    clock = FakeClock()
+    clock = ManualClock()
     cb = make(clock, half_open_max_calls=3)
     trip(cb)
     clock.advance(5.0)

@@ -26,23 +26,13 @@ import resilient_db
 from resilient_db import BreakerPolicy, CircuitBreaker, Policy, RetryPolicy, telemetry
 from resilient_db.breaker import Rejected
 from resilient_db.fleet import RedisBreakerStore, share_breaker
-from resilient_db.testing import FaultInjector, FaultProxy
+from resilient_db.testing import FaultInjector, FaultProxy, ManualClock
 from tests.conftest import SENTINEL
 from tests.servers import ServerUnavailable, skip_or_fail
 
 redis = pytest.importorskip("redis")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def unique(prefix: str = "fleet") -> str:
@@ -64,11 +54,11 @@ def fleet_name(redis_url: str) -> Iterator[str]:
 
 def replicas(
     redis_url: str, name: str, n: int, policy: BreakerPolicy
-) -> tuple[list[CircuitBreaker], list[RedisBreakerStore], list[Clock]]:
+) -> tuple[list[CircuitBreaker], list[RedisBreakerStore], list[ManualClock]]:
     """``n`` breakers, each with its own clock and store (no background thread)."""
     breakers, stores, clocks = [], [], []
     for i in range(n):
-        clock = Clock()
+        clock = ManualClock()
         b = CircuitBreaker(f"r{i}", policy, clock=clock)
         stores.append(RedisBreakerStore(redis_url, name).attach(b, start=False))
         breakers.append(b)
@@ -99,7 +89,7 @@ def trip(b: CircuitBreaker) -> None:
         b.record_failure("connection refused")
 
 
-def expire_open(store: RedisBreakerStore, clocks: list[Clock]) -> None:
+def expire_open(store: RedisBreakerStore, clocks: list[ManualClock]) -> None:
     """Let reset_timeout pass: for every local clock, and for Redis (the key's expiry)."""
     store.client.delete(store.key_open)
     for c in clocks:
@@ -255,7 +245,7 @@ def test_forced_breaker_is_left_alone(redis_url: str, fleet_name: str) -> None:
 
 def test_adopt_skips_a_breaker_that_changed_meanwhile() -> None:
     """adopt(..., unless_changed=n) does nothing once the breaker made its own transition."""
-    b = CircuitBreaker("x", POLICY, clock=Clock())
+    b = CircuitBreaker("x", POLICY, clock=ManualClock())
     before = b.transitions
     trip(b)
     assert False is b.adopt("closed", unless_changed=before)
@@ -311,7 +301,7 @@ def refused() -> BaseException:
 
 def test_unreachable_redis_falls_back_to_local_breaker(sqlite_url: str) -> None:
     """No Redis: the engine serves, trips and probes on its own; health says so, no secret."""
-    clock = Clock()
+    clock = ManualClock()
     policy = Policy(breaker=POLICY, retry=RetryPolicy(attempts=1))
     engine = resilient_db.create_engine(sqlite_url, policy=policy, validate="off", clock=clock)
     url = f"redis://:{SENTINEL}@127.0.0.1:{free_port()}/0"
@@ -397,7 +387,7 @@ def test_outage_then_recovery_publishes_what_happened_meanwhile(
 ) -> None:
     """Redis dies, A trips alone; Redis returns: A publishes its open, B follows."""
     name = unique()
-    clock_a = Clock()
+    clock_a = ManualClock()
     a = CircuitBreaker("a", POLICY, clock=clock_a)
     store_a = RedisBreakerStore(throwaway_redis.url, name).attach(a, start=False)
     assert store_a.sync()
@@ -409,7 +399,7 @@ def test_outage_then_recovery_publishes_what_happened_meanwhile(
     throwaway_redis.start()
     assert store_a.sync()
     assert (True, None, "open") == (store_a.available, store_a.error, store_a.shared_state)
-    b = CircuitBreaker("b", POLICY, clock=Clock())
+    b = CircuitBreaker("b", POLICY, clock=ManualClock())
     RedisBreakerStore(throwaway_redis.url, name).attach(b, start=False)
     assert "open" == b.state
 
@@ -468,6 +458,7 @@ import sqlalchemy as sa
 import resilient_db
 from resilient_db import BreakerPolicy, Policy, RetryPolicy, Timeouts
 from resilient_db.engine import resilience_of
+from resilient_db.testing import ManualClock
 
 cfg = json.loads(sys.argv[1])
 policy = Policy(

@@ -13,6 +13,7 @@ from resilient_db import BreakerPolicy, Kind, RetryLevel, RetryPolicy, classify
 from resilient_db._backoff import backoff
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Rejected
 from resilient_db.errors import REDACTED, redact_parameters
+from resilient_db.testing import ManualClock
 
 PHASES = st.sampled_from([None, "connect", "checkout", "execute", "commit", "rollback"])
 
@@ -68,16 +69,6 @@ def test_backoff_stays_within_the_full_jitter_ceiling(
     assert 0.0 <= pause <= min(cap, initial * 2 ** (attempts - 1))
 
 
-class Clock:
-    """A hand-driven monotonic clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     threshold=st.integers(min_value=1, max_value=5),
@@ -90,7 +81,7 @@ class Clock:
 def test_breaker_invariants(threshold: int, max_probes: int, steps: list[str]) -> None:
     """Probes in flight never exceed the limit; open rejects until reset_timeout passes."""
     reset = 1.0
-    clock = Clock()
+    clock = ManualClock(0.0)
     policy = BreakerPolicy(
         failure_threshold=threshold, reset_timeout=reset, half_open_max_calls=max_probes
     )

@@ -41,6 +41,7 @@ from resilient_db._hooks import Resilience
 from resilient_db._watchdog import Slot, Watchdog
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
+from resilient_db.testing import ManualClock
 from resilient_db.testing.proxy import FaultProxy
 from tests.servers import (
     APP_PASSWORD,
@@ -57,19 +58,6 @@ def ctx_of(exc: BaseException) -> ErrorContext:
     ctx = error_context(exc)
     assert ctx is not None
     return ctx
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def policy(
@@ -141,7 +129,7 @@ def warm(engine: sa.Engine, n: int) -> None:
 
 def test_trips_on_refused_and_rejects_without_io(server_url: str, proxy: FaultProxy) -> None:
     """Refused connects open it after `threshold`; then connect() fails at once, no I/O."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(), clock=clock)
     r, b = resilience_of(engine), breaker_of(engine)
     proxy.refuse()
@@ -290,7 +278,7 @@ def test_half_open_lets_exactly_the_configured_probes_through(
     server_url: str, proxy: FaultProxy
 ) -> None:
     """Half-open admits half_open_max_calls new connections; the next caller is rejected."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_engine(
         via(server_url, proxy), policy=policy(half_open=2), clock=clock
     )
@@ -318,7 +306,7 @@ def test_half_open_lets_exactly_the_configured_probes_through(
 
 def test_probe_that_reconnects_a_pooled_record_closes(server_url: str, proxy: FaultProxy) -> None:
     """A probe handed a pooled record whose connection was discarded still closes the breaker."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_engine(
         via(server_url, proxy), policy=policy(threshold=1), clock=clock
     )
@@ -340,7 +328,7 @@ def test_probe_that_reconnects_a_pooled_record_closes(server_url: str, proxy: Fa
 
 def test_probe_pings_a_pooled_connection(server_url: str, proxy: FaultProxy) -> None:
     """A probe given a pooled connection into a still-silent network fails fast and reopens."""
-    clock = FakeClock()
+    clock = ManualClock()
     call = deadline(server_url)
     engine = resilient_db.create_engine(
         via(server_url, proxy), policy=policy(threshold=1, call=call), clock=clock
@@ -361,7 +349,7 @@ def test_probe_pings_a_pooled_connection(server_url: str, proxy: FaultProxy) -> 
 
 def test_failed_probe_reopens(server_url: str, proxy: FaultProxy) -> None:
     """A probe into a still-refusing server reopens it for another reset_timeout."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_engine(via(server_url, proxy), policy=policy(), clock=clock)
     b = breaker_of(engine)
     proxy.refuse()
@@ -379,7 +367,7 @@ def test_failed_probe_reopens(server_url: str, proxy: FaultProxy) -> None:
 
 def test_probe_survives_a_reconnect_on_checkout(sqlite_url: str) -> None:
     """A probe whose record SQLAlchemy reconnects (checkout listener disconnect) still closes."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_engine(sqlite_url, policy=policy(threshold=1), clock=clock)
     b = breaker_of(engine)
     warm(engine, 1)
@@ -402,7 +390,7 @@ def test_probe_survives_a_reconnect_on_checkout(sqlite_url: str) -> None:
 def test_server_restart_with_idle_pool_does_not_open(throwaway_pg: PgServer) -> None:
     """After a restart, the failed idle pings of 6 stale connections do not open a threshold-3
     breaker: the pool is invalidated and reconnecting decides."""
-    clock = FakeClock()
+    clock = ManualClock()
     url = throwaway_pg.url(user=APP_USER, password=APP_PASSWORD, database="app")
     pool = PoolPolicy(size=6, ping_after_idle=1.0)
     engine = resilient_db.create_engine(url, policy=policy(threshold=3, pool=pool), clock=clock)
@@ -632,7 +620,7 @@ def test_slow_calls_count_as_failures(pg_url: str) -> None:
 def test_watchdog_spares_a_call_that_ends_before_the_shot(monkeypatch: pytest.MonkeyPatch) -> None:
     """A call that returns while the watchdog gets ready to shut its socket is not shot."""
     mine, peer = socket.socketpair()
-    clock = FakeClock()
+    clock = ManualClock()
     dog = Watchdog(clock=clock)
     slot = Slot(mine.fileno)
     dog._slots.add(slot)  # registered without starting the scanning thread

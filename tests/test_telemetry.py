@@ -40,7 +40,7 @@ from resilient_db.config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, 
 from resilient_db.engine import resilience_of
 from resilient_db.health import health
 from resilient_db.telemetry.metrics import METRICS, is_real_provider
-from resilient_db.testing import FaultInjector, FaultProxy
+from resilient_db.testing import FaultInjector, FaultProxy, ManualClock
 from tests.conftest import SENTINEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,16 +167,6 @@ def wait_until(predicate: Any, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.005)
-
-
-class FakeClock:
-    """A monotonic clock the test advances."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the catalogue ------------------------------------------------------------------
@@ -453,7 +443,7 @@ def test_rejections_are_summarised(
     policy = replace(TRIP, breaker=replace(TRIP.breaker, reset_timeout=300.0))
     engine = make_engine(sqlite_url, otel, policy, name="summary")
     r = resilience_of(engine)
-    clock = FakeClock()
+    clock = ManualClock()
     r.clock = clock
     assert r.breaker is not None
     r.breaker.clock = clock

@@ -35,7 +35,7 @@ from resilient_db import (
     Timeouts,
 )
 from resilient_db.engine import resilience_of
-from resilient_db.testing import Fault, FaultProxy
+from resilient_db.testing import Fault, FaultProxy, ManualClock
 
 RESET_TIMEOUT = 5.0
 POLICY = Policy(
@@ -49,19 +49,6 @@ BANDWIDTH_BPS = 100_000
 BIG_ROW = 20_000  # characters in the one-row result bandwidth and reset_after act on
 BIG_SQL = f"SELECT REPEAT('x', {BIG_ROW})"  # the same text on PostgreSQL and MariaDB
 RESET_AFTER_BYTES = 1000
-
-
-class ManualClock:
-    """The engine's clock (breaker timing, retry deadline, idle pings): moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def raised(fn: Callable[[], object]) -> BaseException:

@@ -8,7 +8,8 @@
   driver's real error.
 - Assertions: :func:`assert_fails_fast`, :func:`assert_degraded_gracefully`,
   :func:`assert_recovers`.
-- :func:`set_testing`: no backoff sleeps in your test suite.
+- :func:`set_testing`: no backoff sleeps in your test suite; :class:`ManualClock`: an
+  injected clock for breaker and retry timing.
 - A pytest plugin (loaded automatically) with the ``fault_proxy``,
   ``fault_injector`` and ``rdb_no_backoff`` fixtures; see ``docs/testing.md``.
 """
@@ -20,6 +21,7 @@ from resilient_db.testing.assertions import (
     assert_fails_fast_async,
     assert_recovers,
 )
+from resilient_db.testing.clock import ManualClock
 from resilient_db.testing.dbproxy import DatabaseProxy
 from resilient_db.testing.inject import ErrorSpec, FaultInjector, driver_error, error_kinds
 from resilient_db.testing.proxy import Fault, FaultProxy
@@ -30,6 +32,7 @@ __all__ = [
     "Fault",
     "FaultInjector",
     "FaultProxy",
+    "ManualClock",
     "assert_degraded_gracefully",
     "assert_fails_fast",
     "assert_fails_fast_async",
