@@ -18,8 +18,9 @@ import resilient_db
 from resilient_db import PoolPolicy, breaker_of
 from resilient_db.breaker import CLOSED, HALF_OPEN
 from resilient_db.engine import resilience_of
+from resilient_db.testing import ManualClock
 from resilient_db.testing.proxy import FaultProxy
-from tests.test_async import FakeClock, is_pg, policy, select_one, sleep_sql, to_async, via
+from tests.test_async import is_pg, policy, select_one, sleep_sql, to_async, via
 
 
 @pytest.fixture(params=["asyncpg", "psycopg", "aiomysql"])
@@ -143,7 +144,7 @@ async def test_cancelled_half_open_probe_frees_its_slot(
     async_server_url: str, proxy: FaultProxy
 ) -> None:
     """Cancelling the one half-open probe lets the next caller probe instead of wedging."""
-    clock = FakeClock()
+    clock = ManualClock()
     engine = resilient_db.create_async_engine(
         via(async_server_url, proxy), policy=policy(connect=5), clock=clock
     )
