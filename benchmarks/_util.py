@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("RDB_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("RDB_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -83,3 +87,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def sync_urls(dbs: str, tmp: str, prog: str) -> Iterator[tuple[str, str]]:
+    """(name, URL) for each of ``dbs`` ("sqlite,pg"): a SQLite file in ``tmp``, or
+    :data:`PG_URL` when its server answers (else a note on stderr and skipped).
+
+    Raises ValueError for an unknown name.
+    """
+    for db in dbs.split(","):
+        if db == "sqlite":
+            yield db, f"sqlite:///{Path(tmp) / 'bench.db'}"
+        elif db == "pg":
+            u = make_url(PG_URL)
+            if not reachable(u.host or "127.0.0.1", u.port or 5432):
+                print(f"{prog}: PostgreSQL not reachable, skipped", file=sys.stderr)
+                continue
+            yield db, PG_URL
+        else:
+            raise ValueError(f"unknown database {db!r}")

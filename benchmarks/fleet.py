@@ -19,7 +19,6 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 
 import resilient_db
 
-from ._util import PG_URL, interleaved, median, reachable, table
+from ._util import interleaved, median, reachable, sync_urls, table
 
 TARGET = 1.05
 REDIS_URL = os.environ.get("RDB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -90,17 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds, calls = (5, 300) if args.smoke else (21, 2000)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for db in args.db.split(","):
-            if db == "sqlite":
-                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-            elif db == "pg":
-                if not reachable("127.0.0.1", 5432):
-                    print("fleet: PostgreSQL not reachable, skipped", file=sys.stderr)
-                    continue
-                url = PG_URL
-            else:
-                ap.error(f"unknown database {db!r}")
-            results[db] = measure(url, args.redis, rounds=rounds, calls=calls)
+        try:
+            for db, url in sync_urls(args.db, tmp, "fleet"):
+                results[db] = measure(url, args.redis, rounds=rounds, calls=calls)
+        except ValueError as e:
+            ap.error(str(e))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

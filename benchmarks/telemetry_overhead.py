@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,7 +24,7 @@ import sqlalchemy as sa
 import resilient_db
 from resilient_db.telemetry import instrument
 
-from ._util import PG_URL, interleaved, median, reachable, table
+from ._util import interleaved, median, sync_urls, table
 
 #: variant -> target ratio to raw SQLAlchemy (None: informational)
 TARGETS: dict[str, float | None] = {
@@ -96,17 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds, calls = (5, 300) if args.smoke else (21, 2000)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for db in args.db.split(","):
-            if db == "sqlite":
-                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-            elif db == "pg":
-                if not reachable("127.0.0.1", 5432):
-                    print("telemetry_overhead: PostgreSQL not reachable, skipped", file=sys.stderr)
-                    continue
-                url = PG_URL
-            else:
-                ap.error(f"unknown database {db!r}")
-            results[db] = measure(url, rounds=rounds, calls=calls)
+        try:
+            for db, url in sync_urls(args.db, tmp, "telemetry_overhead"):
+                results[db] = measure(url, rounds=rounds, calls=calls)
+        except ValueError as e:
+            ap.error(str(e))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
