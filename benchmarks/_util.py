@@ -25,8 +25,12 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
+#: Untimed calls of each variant before the rounds.
+WARMUP = 200
+
+
 def interleaved(
-    variants: dict[str, Callable[[], object]], *, rounds: int, calls: int, warmup: int = 200
+    variants: dict[str, Callable[[], object]], *, rounds: int, calls: int, warmup: int = WARMUP
 ) -> dict[str, list[float]]:
     """Per-call seconds for each variant, one sample per round, variants alternating.
 

@@ -632,6 +632,82 @@ def test_timings_false_records_no_histograms(sqlite_url: str, otel: Otel) -> Non
     assert 1 == by(m["db.client.connection.count"], {"db.client.connection.state": "idle"})
 
 
+def test_durations_wait_for_the_next_collection(sqlite_url: str, otel: Otel) -> None:
+    """Per-call values are held by the engine until a reader collects, then all reported."""
+    engine = make_engine(sqlite_url, otel, pool_timings=True, name="held")
+    tel = telemetry.telemetry_of(engine)
+    run_happy_path(engine, 3)
+    held = (len(tel.operations.values), len(tel.waits.values), len(tel.uses.values))
+    assert (6, 3, 3) == held
+    m = otel.metrics()
+    assert (0, 0, 0) == (len(tel.operations.values), len(tel.waits.values), len(tel.uses.values))
+    assert 6 == sum(points(m["db.client.operation.duration"]).values())
+    assert (3, 3) == (
+        by(m["db.client.connection.wait_time"], {POOL: "held"}),
+        by(m["db.client.connection.use_time"], {POOL: "held"}),
+    )
+    run_happy_path(engine, 1)  # the next collection reports the values since (cumulative)
+    assert 8 == sum(points(otel.metrics()["db.client.operation.duration"]).values())
+
+
+@pytest.mark.parametrize(("buffer", "held"), [(0, 0), (4, 4)])
+def test_a_full_buffer_records_at_once(sqlite_url: str, otel: Otel, buffer: int, held: int) -> None:
+    """timing_buffer=0 records every value at once; a full buffer records the overflow."""
+    engine = make_engine(sqlite_url, otel, timing_buffer=buffer, name=f"buf{buffer}")
+    tel = telemetry.telemetry_of(engine)
+    run_happy_path(engine, 3)
+    assert held == len(tel.operations.values)
+    assert 6 == sum(points(otel.metrics()["db.client.operation.duration"]).values())
+
+
+def test_concurrent_calls_and_collections_lose_nothing(sqlite_url: str, otel: Otel) -> None:
+    """Four threads time statements while a reader collects in a loop: every value arrives."""
+    engine = make_engine(sqlite_url, otel, name="busy")
+    done = threading.Event()
+    collections = 0
+
+    def collect() -> None:
+        nonlocal collections
+        while not done.is_set():
+            otel.metrics()
+            collections += 1
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    workers = [threading.Thread(target=run_happy_path, args=(engine, 150)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    collector.join()
+    assert collections > 1
+    assert 4 * 150 * 2 == sum(points(otel.metrics()["db.client.operation.duration"]).values())
+
+
+def test_reinstrumenting_reports_held_values_to_the_old_provider(
+    sqlite_url: str, otel: Otel
+) -> None:
+    """instrument() again: what the old telemetry held goes to its own provider first."""
+    other = Otel()
+    engine = make_engine(sqlite_url, other, name="moved")
+    run_happy_path(engine, 2)
+    telemetry.instrument(engine, meter_provider=otel.meter_provider)
+    run_happy_path(engine, 1)
+    assert 4 == sum(points(other.metrics()["db.client.operation.duration"]).values())
+    assert 2 == sum(points(otel.metrics()["db.client.operation.duration"]).values())
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1000", True, None])
+def test_timing_buffer_must_be_a_count(sqlite_url: str, bad: Any) -> None:
+    """A nonsensical timing_buffer is one typed error naming the field and the fix."""
+    engine = resilient_db.create_engine(sqlite_url, validate="off")
+    with pytest.raises(resilient_db.ConfigurationError) as e:
+        telemetry.instrument(engine, timing_buffer=bad)
+    assert "instrument(timing_buffer=)" == e.value.field
+    assert "Use 0 to record every value at once" in str(e.value)
+
+
 def test_reinstrument_replaces_previous(sqlite_url: str, otel: Otel) -> None:
     """instrument() twice: only the last providers receive data."""
     other = Otel()

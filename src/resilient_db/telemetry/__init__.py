@@ -9,6 +9,8 @@ The engine's hooks call an :class:`EngineTelemetry` at a few points: a
 classified error, a connect sequence, a failed validation, and, only when
 the opt-in pool timings are on, each checkout and checkin. Operation timings
 (``db.client.operation.duration``) wrap the dialect's execute methods instead.
+Per-call durations wait in a :class:`~._deferred.Deferred` buffer and reach
+the SDK when a reader collects (see ``_deferred.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from opentelemetry.trace import Span, Tracer, TracerProvider
 from sqlalchemy import event
 
 from ..classify import Classification, Kind, Target, classify
-from ..errors import ErrorContext, error_context
+from ..errors import ConfigurationError, ErrorContext, error_context
 from . import logs, tracing
+from ._deferred import DEFAULT_CAPACITY, Deferred
 from .metrics import METRICS, Instruments, MetricSpec, Monotonic, instruments_for
 
 if TYPE_CHECKING:
@@ -73,7 +76,8 @@ class EngineTelemetry:
     """The telemetry of one engine: its attributes, instruments, tracer and logger state.
 
     ``timings`` (None: automatic) turns the per-call histograms on or off;
-    ``pool_timings`` adds the per-checkout ones to them; see :func:`instrument`.
+    ``pool_timings`` adds the per-checkout ones to them; ``timing_buffer``
+    values of each wait for a collection; see :func:`instrument`.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class EngineTelemetry:
         timings: bool | None = None,
         pool_timings: bool = False,
         capture_statement: bool = False,
+        timing_buffer: int = DEFAULT_CAPACITY,
     ) -> None:
         self.resilience = r
         self._engine = weakref.ref(engine)
@@ -101,6 +106,10 @@ class EngineTelemetry:
         self.idle_attrs: dict[str, Any] = {**pool, "db.client.connection.state": "idle"}
         self.used_attrs: dict[str, Any] = {**pool, "db.client.connection.state": "used"}
         self._op_attrs: dict[str, Any] | None = None
+        ins = self.instruments
+        self.operations = Deferred(ins.operation_duration, self.op_attrs, timing_buffer)
+        self.waits = Deferred(ins.wait_time, self._pool_attrs, timing_buffer)
+        self.uses = Deferred(ins.use_time, self._pool_attrs, timing_buffer)
         self.transitions: dict[str, int] = {}
         self.rejections = Monotonic()
         self.summary = logs.RejectionSummary()
@@ -127,6 +136,7 @@ class EngineTelemetry:
     def detach(self) -> None:
         """Stop reporting for this engine (before it is re-instrumented)."""
         self._detached = True
+        self.flush()  # what was timed so far still reaches this telemetry's provider
         r = self.resilience
         self.instruments.discard(self)
         if r.breaker is not None and self in r.breaker.listeners:
@@ -171,6 +181,16 @@ class EngineTelemetry:
 
     # -- state read at collection time ---------------------------------------------
 
+    def flush(self) -> int:
+        """Hand the held per-call durations to the SDK (at the start of a collection).
+
+        Returns how many values were recorded.
+        """
+        return self.operations.flush() + self.waits.flush() + self.uses.flush()
+
+    def _pool_attrs(self) -> dict[str, Any]:
+        return self.pool_attrs
+
     def pool_stats(self) -> PoolStats | None:
         """The engine's current pool statistics, or None once the engine is gone."""
         from ..health import pool_stats
@@ -202,14 +222,14 @@ class EngineTelemetry:
     def checked_out(self, record: Any, t0: float) -> None:
         """A connection left the pool: record the wait, remember when."""
         now = _perf()
-        self.instruments.wait_time.record(now - t0, self.pool_attrs)
+        self.waits.add(now - t0)
         record.info["resilient_db.t_out"] = now
 
     def checked_in(self, record: Any) -> None:
         """A connection came back: record how long it was used."""
         t = record.info.pop("resilient_db.t_out", None)
         if t is not None:
-            self.instruments.use_time.record(_perf() - t, self.pool_attrs)
+            self.uses.add(_perf() - t)
 
     # -- events from the hooks ------------------------------------------------------
 
@@ -437,7 +457,7 @@ def _timed(call: Callable[..., Any], box: list[EngineTelemetry | None]) -> Calla
                 with contextlib.suppress(AttributeError, TypeError):
                     args[-1]._rdb_t0 = t0
             raise
-        tel.instruments.operation_duration.record(_perf() - t0, tel._op_attrs or tel.op_attrs())
+        tel.operations.add(_perf() - t0)
         return result
 
     return timed
@@ -472,6 +492,7 @@ def instrument(
     timings: bool | None = None,
     pool_timings: bool = False,
     capture_statement: bool = False,
+    timing_buffer: int = DEFAULT_CAPACITY,
 ) -> EngineTelemetry:
     """(Re-)instrument a resilient_db engine and return its telemetry.
 
@@ -489,10 +510,23 @@ def instrument(
       Off by default: each is one more SDK ``record()`` per request.
     - ``capture_statement``: add the SQL text (never its parameters) as
       ``db.query.text`` to error span events.
+    - ``timing_buffer``: how many values of each per-call histogram wait for
+      the next collection (8 bytes each) before further ones are recorded at
+      once. The request path then pays an append instead of an SDK
+      ``record()``; the collecting thread records them. ``0`` records every
+      value at once (the SDK's exemplars can then link a duration to the
+      trace it was measured in).
 
     ``engine`` may be an Engine, an AsyncEngine or a Connection.
     """
     from ..engine import resilience_of
+
+    if isinstance(timing_buffer, bool) or not isinstance(timing_buffer, int) or timing_buffer < 0:
+        raise ConfigurationError(
+            "instrument(timing_buffer=)",
+            f"must be a whole number of values, 0 or more, got {timing_buffer!r}.",
+            f"Use 0 to record every value at once, or the default {DEFAULT_CAPACITY}.",
+        )
 
     r = resilience_of(engine)
     sync = getattr(engine, "sync_engine", engine)
@@ -508,6 +542,7 @@ def instrument(
         timings=timings,
         pool_timings=pool_timings,
         capture_statement=capture_statement,
+        timing_buffer=timing_buffer,
     )
     tel.start()
     return tel

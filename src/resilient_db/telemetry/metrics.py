@@ -4,8 +4,10 @@ One :class:`Instruments` set exists per ``MeterProvider`` and is shared by every
 engine that reports to it (an SDK drops the callbacks of an instrument created
 twice). Pool and breaker state are read by observable instruments at
 collection time, so nothing happens per call for them; the per-call
-histograms (``wait_time``, ``use_time``, ``operation.duration``) are recorded
-only once a real SDK has collected at least once (see ``docs/observability.md``).
+histograms (``wait_time``, ``use_time``, ``operation.duration``) are timed
+only once a real SDK has collected at least once, and their values wait in
+each engine's buffers until the next collection's first callback flushes
+them (see ``docs/observability.md``).
 
 :data:`METRICS` lists every instrument with its kind, unit and attributes; the
 docs, the alert rules and the tests are checked against it.
@@ -278,7 +280,13 @@ class Instruments:
         def callback(options: CallbackOptions) -> Iterator[Observation]:
             if not self.collecting:
                 self._first_collection()
-            for tel in list(self.engines):
+            engines = list(self.engines)
+            # The SDK runs every callback before it reads the synchronous instruments'
+            # storage, so the first callback of a collection records what the engines
+            # timed since the last one into it (the others find the buffers empty).
+            for tel in engines:
+                tel.flush()
+            for tel in engines:
                 yield from fn(tel)
 
         return callback

@@ -1,0 +1,75 @@
+"""Per-call histogram values held until a reader collects them.
+
+The OpenTelemetry Python SDK spends 6 to 10 µs in every ``Histogram.record()``
+(it cleans, copies and hashes the attributes and takes locks), more than a
+whole resilience layer is allowed to cost on a fast query. A :class:`Deferred`
+keeps the values of one histogram with one fixed attribute set in a bounded
+``array('d')`` instead, an append of about 0.1 µs, and hands them to the SDK
+in :meth:`Deferred.flush`, which the observable instruments' callbacks call at
+the start of every collection, on the collecting thread (the periodic reader's,
+the Prometheus scrape's). The SDK aggregates them before that collection reads
+its storage, so each collection still reports every value up to its own start.
+
+Like a ``BatchSpanProcessor``, this moves the SDK's CPU off the request path,
+not out of the process. When ``capacity`` values are waiting (no reader has
+collected for a long time), further values are recorded at once, so nothing is
+lost and memory stays bounded (8 bytes per value). Values recorded later carry
+no trace context, so the SDK attaches no exemplars to them; ``capacity=0``
+records every value at once (see ``docs/observability.md``).
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["DEFAULT_CAPACITY", "Deferred"]
+
+#: Values held per histogram (and engine) between two collections: 512 KiB at most.
+DEFAULT_CAPACITY = 65_536
+
+
+class Deferred:
+    """The not yet recorded values of one histogram, all with the same attributes."""
+
+    __slots__ = ("_lock", "attributes", "capacity", "histogram", "values")
+
+    def __init__(
+        self, histogram: Any, attributes: Callable[[], dict[str, Any]], capacity: int
+    ) -> None:
+        self.histogram = histogram
+        #: called at record time: the attributes may be known only after the first connect
+        self.attributes = attributes
+        self.capacity = capacity
+        self.values = array("d")
+        self._lock = threading.Lock()  # two readers may collect at once
+
+    def add(self, value: float) -> None:
+        """Hold ``value`` for the next collection (record it now if the buffer is full)."""
+        values = self.values
+        if len(values) < self.capacity:
+            values.append(value)
+        else:
+            self.histogram.record(value, self.attributes())
+
+    def flush(self) -> int:
+        """Record every held value; returns how many.
+
+        :meth:`add` takes no lock: a value appended while this runs lands after
+        the slice taken here and stays for the next flush (``array`` slicing
+        and deletion are single C calls under the GIL).
+        """
+        values = self.values
+        if not values:
+            return 0
+        with self._lock:
+            n = len(values)
+            taken = values[:n]
+            del values[:n]
+        record = self.histogram.record
+        attributes = self.attributes()
+        for v in taken:
+            record(v, attributes)
+        return n
