@@ -1201,3 +1201,109 @@ async def test_asyncpg_ambiguous_commit_with_and_without_key(
         count(pg_admin, pg_table, "nokey"),
         count(pg_admin, pg_table, "key"),
     )
+
+
+# -- async: the transaction-level faults of the sync runner, on every async driver ---------
+
+ASYNC_DRIVERS = {
+    "asyncpg": ("pg_url", "postgresql+asyncpg"),
+    "psycopg_async": ("pg_url", "postgresql+psycopg_async"),
+    "aiomysql": ("mariadb_url", "mysql+aiomysql"),
+}
+
+
+@pytest.fixture(params=list(ASYNC_DRIVERS))
+def async_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine, str]]:
+    """(async URL, plain sync autocommit engine, scratch table) for each async driver."""
+    fixture, drivername = ASYNC_DRIVERS[request.param]
+    url = sa.make_url(request.getfixturevalue(fixture))
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    scratch = _scratch(admin)
+    table = next(scratch)
+    yield url.set(drivername=drivername).render_as_string(False), admin, table
+    next(scratch, None)
+    admin.dispose()
+
+
+async def test_async_deadlock_is_retried_and_matches_serial_execution(
+    async_server: tuple[str, Engine, str],
+) -> None:
+    """Two tasks deadlock; the victim is re-run and the result equals a serial run."""
+    url, admin, table = async_server
+    e = resilient_db.create_async_engine(url, policy=FAST, validate="off")
+    with admin.connect() as c:
+        c.execute(sa.text(f"INSERT INTO {table} (id, k, v) VALUES (1, 'a', 0), (2, 'b', 0)"))
+    barrier = asyncio.Barrier(2)
+    calls = {"A": 0, "B": 0}
+    failures: list[str | None] = []
+
+    async def transfer(name: str, first: int, second: int, amount: int) -> None:
+        async def unit(conn: Any) -> None:
+            calls[name] += 1
+            upd = sa.text(f"UPDATE {table} SET v = v + :a WHERE id = :i")
+            try:
+                await conn.execute(upd, {"a": amount, "i": first})
+                if calls[name] == 1:
+                    await asyncio.wait_for(barrier.wait(), 15)
+                await conn.execute(upd, {"a": amount, "i": second})
+            except Exception as exc:
+                ctx = error_context(exc)
+                failures.append(ctx.kind if ctx else repr(exc))
+                raise
+
+        await run_transaction_async(e, unit)
+
+    results = await asyncio.gather(
+        transfer("A", 1, 2, 10), transfer("B", 2, 1, 100), return_exceptions=True
+    )
+    await e.dispose()
+    with admin.connect() as c:
+        rows: dict[int, int] = dict(c.execute(sa.text(f"SELECT id, v FROM {table}")).all())
+    assert ([None, None], ["deadlock"], {1: 110, 2: 110}, [1, 2]) == (
+        results,
+        failures,
+        rows,
+        sorted(calls.values()),
+    )
+
+
+async def test_async_serialization_failure_is_retried_and_matches_serial_execution(
+    async_server: tuple[str, Engine, str],
+) -> None:
+    """Two read-modify-write units conflict; the loser is re-run and the counter ends at 2."""
+    url, admin, table = async_server
+    e = resilient_db.create_async_engine(url, policy=FAST, validate="off")
+    iso = "REPEATABLE READ" if is_pg(url) else "SERIALIZABLE"
+    with admin.connect() as c:
+        c.execute(sa.text(f"INSERT INTO {table} (id, k, v) VALUES (1, 'n', 0)"))
+    barrier = asyncio.Barrier(2)
+    calls = {"A": 0, "B": 0}
+    failures: list[str | None] = []
+
+    async def increment(name: str) -> None:
+        async def unit(conn: Any) -> None:
+            calls[name] += 1
+            try:
+                v = await conn.scalar(sa.text(f"SELECT v FROM {table} WHERE id = 1"))
+                if calls[name] == 1:
+                    await asyncio.wait_for(barrier.wait(), 15)
+                await conn.execute(sa.text(f"UPDATE {table} SET v = :v WHERE id = 1"), {"v": v + 1})
+            except Exception as exc:
+                ctx = error_context(exc)
+                failures.append(ctx.kind if ctx else repr(exc))
+                raise
+
+        await run_transaction_async(e, unit, isolation_level=iso)
+
+    results = await asyncio.gather(increment("A"), increment("B"), return_exceptions=True)
+    await e.dispose()
+    with admin.connect() as c:
+        final = c.scalar(sa.text(f"SELECT v FROM {table} WHERE id = 1"))
+    # PostgreSQL reports the lost update as 40001; MariaDB's SERIALIZABLE as a deadlock
+    expected = "serialization_failure" if is_pg(url) else "deadlock"
+    assert ([None, None], [expected], 2, [1, 2]) == (
+        results,
+        failures,
+        final,
+        sorted(calls.values()),
+    )
