@@ -52,6 +52,7 @@ from .errors import CircuitOpenError, ConfigurationError, ErrorContext, NoPrimar
 
 if TYPE_CHECKING:
     from ._hooks import Resilience
+    from ._types import EngineLike
 
 __all__ = ["ROLES", "Host", "HostStatus", "Role", "hosts_of"]
 
@@ -579,7 +580,7 @@ def attach(engine: Engine, r: Resilience, hosts: tuple[Host, ...], role: Role) -
     return fo
 
 
-def hosts_of(engine: Any) -> tuple[HostStatus, ...]:
+def hosts_of(engine: EngineLike) -> tuple[HostStatus, ...]:
     """The hosts of a multi-host engine with their last seen role and breaker.
 
     Raises :class:`~resilient_db.ConfigurationError` for a single-host engine.

@@ -29,13 +29,16 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.pool import Pool, QueuePool
 
 from .breaker import BreakerSnapshot
 from .classify import classify
 from .errors import ConfigurationError, ErrorContext, error_context
+
+if TYPE_CHECKING:
+    from ._types import EngineLike
 
 __all__ = ["HealthSnapshot", "PoolStats", "health", "health_async", "pool_stats"]
 
@@ -146,7 +149,7 @@ def pool_stats(pool: Pool, r: Any) -> PoolStats:
     return PoolStats(kind, None, None, None, None, None, waiting)
 
 
-def _engine_and_resilience(engine: Any) -> tuple[Any, Any]:
+def _engine_and_resilience(engine: EngineLike) -> tuple[Any, Any]:
     from .engine import resilience_of
 
     r = resilience_of(engine)
@@ -250,7 +253,7 @@ _INFLIGHT_ASYNC: weakref.WeakKeyDictionary[Any, tuple[asyncio.Task[None], float]
 )
 
 
-def health(engine: Any, *, ping: bool = False, timeout: float = 1.0) -> HealthSnapshot:
+def health(engine: EngineLike, *, ping: bool = False, timeout: float = 1.0) -> HealthSnapshot:
     """A frozen health snapshot of a resilient_db engine (see the module docs).
 
     ``engine`` may be an Engine, a Connection, or an AsyncEngine when
@@ -320,7 +323,9 @@ def _answered(r: Any) -> None:
         tel.answered()
 
 
-async def health_async(engine: Any, *, ping: bool = False, timeout: float = 1.0) -> HealthSnapshot:
+async def health_async(
+    engine: EngineLike, *, ping: bool = False, timeout: float = 1.0
+) -> HealthSnapshot:
     """:func:`health` for an AsyncEngine: the ping is awaited within ``timeout``."""
     sync, r = _engine_and_resilience(engine)
     if not ping:

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from .._hooks import Resilience
+    from .._types import EngineLike
     from ..health import PoolStats
 
 __all__ = [
@@ -485,7 +486,7 @@ def attach(engine: Engine, r: Resilience) -> EngineTelemetry:
 
 
 def instrument(
-    engine: Any,
+    engine: EngineLike,
     *,
     meter_provider: MeterProvider | None = None,
     tracer_provider: TracerProvider | None = None,
@@ -529,8 +530,8 @@ def instrument(
         )
 
     r = resilience_of(engine)
-    sync = getattr(engine, "sync_engine", engine)
-    sync = getattr(sync, "engine", sync)
+    inner = getattr(engine, "sync_engine", engine)
+    sync = cast("Engine", getattr(inner, "engine", inner))  # a Connection's engine
     old = r.telemetry
     if isinstance(old, EngineTelemetry):
         old.detach()
@@ -548,7 +549,7 @@ def instrument(
     return tel
 
 
-def telemetry_of(engine: Any) -> EngineTelemetry:
+def telemetry_of(engine: EngineLike) -> EngineTelemetry:
     """The :class:`EngineTelemetry` of a resilient_db engine."""
     from ..engine import resilience_of
 
@@ -579,7 +580,7 @@ def _classification(tel: EngineTelemetry, exc: BaseException) -> Classification:
 
 
 @contextlib.contextmanager
-def unit_of_work(engine: Any, name: str | None = None) -> Iterator[UnitOfWork]:
+def unit_of_work(engine: EngineLike, name: str | None = None) -> Iterator[UnitOfWork]:
     """A span around one unit of work (all its attempts), current while it runs.
 
     The unit-of-work retry calls :meth:`UnitOfWork.retry` before each replay;
