@@ -4,11 +4,11 @@ One call is what an async request does: check a connection out, run
 ``SELECT 1``, return the connection. Both engines run on the same event loop in
 interleaved rounds; the report gives the median per-call latency of each and
 the ratio (target: at most 1.05). The resilient engine runs the default policy,
-driver defaults included (asyncpg ``command_timeout``, ``server_settings``). A third
+driver defaults included (asyncpg ``server_settings``). A third
 engine, ``raw+args``, is raw SQLAlchemy given the same driver arguments
 (:func:`resilient_db.engine.driver_defaults`): resilient_db / raw+args is the cost
-of resilient_db's own code, raw+args / raw the cost of the driver settings (asyncpg's
-``command_timeout``, the per-call deadline, arms a timer on every protocol call).
+of resilient_db's own code, raw+args / raw the cost of the driver settings (the
+per-call deadline is resilient_db's watchdog, not a driver setting).
 
     python -m benchmarks.async_overhead [--smoke] [--db sqlite,pg] [--json]
 """

@@ -395,24 +395,6 @@ async def test_blackhole_mid_query_is_a_read_timeout(
     await engine.dispose()
 
 
-async def test_asyncpg_stream_fetch_into_silence_is_bounded(pg_url: str) -> None:
-    """A server-side cursor fetch (stream()) into a silent network fails within the deadline."""
-    u = sa.make_url(to_async(pg_url, "asyncpg"))
-    with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as proxy:
-        engine = resilient_db.create_async_engine(via(str(u), proxy), policy=policy(threshold=5))
-        async with engine.connect() as c:
-            rows = await c.stream(
-                sa.text("SELECT g FROM generate_series(1, 200000) g"),
-                execution_options={"yield_per": 10},
-            )
-            await rows.fetchmany(10)
-            proxy.blackhole()
-            with pytest.raises(sa.exc.OperationalError) as info:
-                await rows.fetchmany(100_000)
-        assert "read_timeout" == error_context(info.value).kind
-        await engine.dispose()
-
-
 async def test_idle_ping_into_silence_fails_within_deadline(
     async_server_url: str, proxy: FaultProxy
 ) -> None:

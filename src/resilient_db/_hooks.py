@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,15 @@ _LOST = frozenset(
 _GONE = frozenset({Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT})
 
 # Drivers without a client-side read timeout: guarded by the watchdog.
-_WATCHED_DRIVERS = {"psycopg", "psycopg2", "psycopg_async", "aiomysql"}
+# asyncpg has command_timeout, but it costs an event-loop timer per protocol exchange.
+_WATCHED_DRIVERS = {"psycopg", "psycopg2", "psycopg_async", "aiomysql", "asyncpg"}
+
+# The slot of the connection whose set-up (the pool's connect listeners) runs in this
+# context (thread, or asyncio task: SQLAlchemy's greenlets share the task's context).
+# A set-up error is raised with no Connection to find the slot through.
+_SETTING_UP: contextvars.ContextVar[Slot | None] = contextvars.ContextVar(
+    "resilient_db_setting_up", default=None
+)
 
 
 class Resilience:
@@ -331,13 +340,17 @@ class Resilience:
         t = self.target if fo is None else fo.target_of(ctx.connection)
         c = classify(target_exc, phase=phase, target=t)
         conn = ctx.connection
-        if conn is not None and self.watch:
-            slot = _slot_of(conn)
+        if self.watch:
+            # no Connection: a new connection's set-up failed (see watch_connection)
+            slot = _slot_of(conn) if conn is not None else _SETTING_UP.get()
             if slot is not None and slot.fired:
                 slot.fired = False
-                c = classify(TimeoutError("call deadline"), phase=phase, target=t)
-                if phase == "commit":
-                    c = classify(TimeoutError("x"), phase="commit", target=t)
+                if slot is _SETTING_UP.get():  # the first connection's initialize()
+                    phase = "connect"
+                # a call on an open connection timed out (a set-up query too: not a connect
+                # timeout); at COMMIT, an ambiguous commit
+                call_phase = "execute" if phase == "connect" else phase
+                c = classify(TimeoutError("call deadline"), phase=call_phase, target=t)
         b = self.breaker
         if b is not None:
             if c.counts_for_breaker:
@@ -373,24 +386,53 @@ class Resilience:
                 f"({self.slow_call}s): the database is overloaded or the network is slow."
             )
 
+    def watch_connection(self, dbapi_connection: Any, record: Any) -> None:
+        """A watchdog slot for a new DBAPI connection, armed for its set-up.
+
+        Called as soon as the connection is open, before the pool's ``connect``
+        event listeners run: SQLAlchemy's dialect set-up (asyncpg's type-codec
+        queries, the first connection's ``initialize()``) and resilient_db's own
+        ``SET SESSION`` then run under one ``Timeouts.call`` deadline, which
+        :meth:`on_connect`, the last ``connect`` listener, disarms. An asyncpg
+        connection given its own ``command_timeout`` gets no slot: asyncpg
+        bounds every call of it already, and the caller's setting wins.
+        """
+        if not self.watch or record is None or "resilient_db.slot" in record.info:
+            return
+        _SETTING_UP.set(None)
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if _bounds_own_calls(driver):
+            return
+        try:
+            ref: Callable[[], Any] = weakref.ref(driver)
+        except TypeError:  # not weak-referenceable: keep it alive with its record
+
+            def ref() -> Any:
+                return driver
+
+        def fd() -> int | None:
+            conn = ref()
+            return None if conn is None else socket_fileno(conn)
+
+        slot = WATCHDOG.slot(fd)
+        slot.deadline = time.monotonic() + self.policy.timeouts.call  # type: ignore[operator]
+        record.info["resilient_db.slot"] = slot
+        _SETTING_UP.set(slot)
+
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
-        """Pool ``connect`` listener: a watchdog slot per DBAPI connection."""
-        if self.watch:
-            try:
-                ref: Callable[[], Any] = weakref.ref(dbapi_connection)
-            except TypeError:  # not weak-referenceable: keep it alive with its record
+        """Pool ``connect`` listener, the last one: the connection's set-up is done.
 
-                def ref() -> Any:
-                    return dbapi_connection
-
-            def fd() -> int | None:
-                conn = ref()
-                # async adapters (psycopg async, aiomysql) wrap the driver connection
-                if conn is None:
-                    return None
-                return socket_fileno(getattr(conn, "driver_connection", conn))
-
-            record.info["resilient_db.slot"] = WATCHDOG.slot(fd)
+        Disarms the slot :meth:`watch_connection` armed (and makes one for a
+        connection that did not come through ``do_connect``).
+        """
+        slot = record.info.get("resilient_db.slot")
+        if slot is None:
+            self.watch_connection(dbapi_connection, record)
+            slot = record.info.get("resilient_db.slot")
+        if slot is not None:
+            slot.deadline = 0.0
+            slot.fired = False
+        _SETTING_UP.set(None)
 
     def on_connect_mariadb(self, dbapi_connection: Any, record: Any) -> None:
         """Pool ``connect`` listener: MariaDB's server-side statement timeout."""
@@ -482,13 +524,25 @@ class Resilience:
         return True
 
 
+def _bounds_own_calls(driver: Any) -> bool:
+    """True for an asyncpg connection with a ``command_timeout`` of its own."""
+    if not type(driver).__module__.startswith("asyncpg"):
+        return False
+    config = getattr(driver, "_config", None)
+    return getattr(config, "command_timeout", None) is not None
+
+
 def _slot_of(conn: Any) -> Slot | None:
     try:
         info = conn.info  # Connection / pooled connection: the record's info dict
     except Exception:
-        return None
+        info = None
     if not isinstance(info, dict):  # a bare DBAPI connection (psycopg has .info too)
-        return None
+        # the first connection's dialect.initialize() runs on an ad-hoc proxy of the record
+        record = getattr(getattr(conn, "_dbapi_connection", None), "_connection_record", None)
+        info = getattr(record, "info", None)
+        if not isinstance(info, dict):
+            return None
     slot = info.get("resilient_db.slot")
     return slot if isinstance(slot, Slot) else None
 
@@ -637,14 +691,16 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
             # the record's info up front only for the watchdog slot; a slow call reads it after
             info = info_of(args) if call is not None else None
             slot = info.get("resilient_db.slot") if info else None
+            outer = 0.0  # a deadline around this call (a connection's set-up), restored after
             if slot is not None:
+                outer = slot.deadline
                 slot.deadline = time.monotonic() + call  # type: ignore[operator]
             t0 = clock() if slow is not None else 0.0
             try:
                 result = original(*args)
             finally:
                 if slot is not None:
-                    slot.deadline = 0.0
+                    slot.deadline = outer
             if slot is not None and slot.fired:
                 slot.fired = False  # fired as the call ended: not the next error's cause
             if slow is not None and clock() - t0 > slow:
@@ -659,6 +715,91 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
         setattr(dialect, name, guard(getattr(dialect, name), _context_info))
     for name in ("do_commit", "do_rollback"):
         setattr(dialect, name, guard(getattr(dialect, name), _connection_info))
+
+
+class _DeadlineCursor:
+    """A server-side cursor whose fetches and close run under the per-call deadline.
+
+    Each ``fetchone`` / ``fetchmany`` / ``fetchall`` of a server-side cursor
+    (``stream()``, ``stream_results=True``, ``yield_per``) is a network round
+    trip of its own, after the ``execute`` that opened the cursor; ``close``
+    is one too (psycopg sends ``CLOSE``, aiomysql drains the unread rows).
+    Everything else, attribute writes included, goes to the real cursor.
+    """
+
+    __slots__ = ("_rdb_call", "_rdb_cursor", "_rdb_slot")
+
+    def __init__(self, cursor: Any, slot: Slot, call: float) -> None:
+        object.__setattr__(self, "_rdb_cursor", cursor)
+        object.__setattr__(self, "_rdb_slot", slot)
+        object.__setattr__(self, "_rdb_call", call)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rdb_cursor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._rdb_cursor, name, value)
+
+    def _within(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        slot = self._rdb_slot
+        outer = slot.deadline
+        slot.deadline = time.monotonic() + self._rdb_call
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            slot.deadline = outer
+        if slot.fired:
+            slot.fired = False  # fired as the fetch ended: not the next error's cause
+        return result
+
+    def fetchone(self) -> Any:
+        return self._within(self._rdb_cursor.fetchone)
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        return self._within(self._rdb_cursor.fetchmany, *args, **kwargs)
+
+    def fetchall(self) -> Any:
+        return self._within(self._rdb_cursor.fetchall)
+
+    def close(self) -> Any:
+        return self._within(self._rdb_cursor.close)
+
+    def __iter__(self) -> Iterator[Any]:
+        rows = iter(self._rdb_cursor)
+        while True:
+            try:
+                row = self._within(next, rows)
+            except StopIteration:
+                return
+            yield row
+
+
+def _guard_server_side_cursors(dialect: Any, call: float) -> None:
+    """Put the fetches of this engine's server-side cursors under the per-call deadline.
+
+    The dialect instance gets a subclass of its execution context class whose
+    ``create_server_side_cursor()`` wraps the cursor in a :class:`_DeadlineCursor`
+    when the connection has a watchdog slot. Ordinary (buffered) queries read
+    all their rows within the guarded execute and never reach this code.
+    """
+    base = dialect.execution_ctx_cls
+    if getattr(base, "_rdb_guarded", False):
+        return
+
+    def create_server_side_cursor(self: Any) -> Any:
+        cursor = base.create_server_side_cursor(self)
+        try:
+            info = self._dbapi_connection.info
+        except Exception:
+            return cursor
+        slot = info.get("resilient_db.slot") if isinstance(info, dict) else None
+        return cursor if slot is None else _DeadlineCursor(cursor, slot, call)
+
+    dialect.execution_ctx_cls = type(
+        f"Resilient{base.__name__}",
+        (base,),
+        {"create_server_side_cursor": create_server_side_cursor, "_rdb_guarded": True},
+    )
 
 
 def _context_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -701,18 +842,26 @@ def install(engine: Engine, r: Resilience) -> None:
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
         tel = r.telemetry  # a span and timing around the whole connect sequence
         if tel is None:
-            return r.connect(d, ca, cp, rec)
-        return tel.connect(lambda d_, ca_, cp_: r.connect(d_, ca_, cp_, rec), d, ca, cp)
+            conn = r.connect(d, ca, cp, rec)
+        else:
+            conn = tel.connect(lambda d_, ca_, cp_: r.connect(d_, ca_, cp_, rec), d, ca, cp)
+        if r.watch:  # before the pool's connect listeners: they run the set-up queries
+            r.watch_connection(conn, rec)
+        return conn
 
     event.listen(engine, "do_connect", do_connect)
     event.listen(engine, "handle_error", r.handle_error)
     from .telemetry import attach  # metrics, spans and logs (no-ops until an SDK is set)
 
     attach(engine, r)
-    if r.watch:
-        event.listen(engine, "connect", r.on_connect)
     if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:
         # after SQLAlchemy's first-connect listener, which sets dialect.is_mariadb
         event.listen(engine, "connect", r.on_connect_mariadb)
+    call = r.policy.timeouts.call
+    if r.watch and call is not None:
+        # the last connect listener: it disarms the set-up deadline do_connect armed
+        event.listen(engine, "connect", r.on_connect)
+        if engine.dialect.supports_server_side_cursors:
+            _guard_server_side_cursors(engine.dialect, call)
     if r.watch or r.slow_call is not None:
         _guard_calls(engine.dialect, r)

@@ -1,11 +1,12 @@
-"""Per-call deadlines for drivers that have no client-side read timeout.
+"""Per-call deadlines for drivers that have no (cheap) client-side read timeout.
 
-psycopg (3 and 2) block in ``recv`` for ever when the network goes silent on an
-established connection. Each watched connection gets a :class:`Slot`; a call
-arms it with a deadline and disarms it when done (two attribute writes). One
-daemon thread scans the armed slots every ``tick`` seconds and, when a deadline
-has passed, shuts the socket down so the blocked call fails at once and
-SQLAlchemy discards the connection.
+psycopg (3 and 2) and aiomysql block in ``recv`` for ever when the network goes
+silent on an established connection; asyncpg has ``command_timeout``, but it
+arms and cancels an event-loop timer for every protocol message exchange. Each
+watched connection gets a :class:`Slot`; a call arms it with a deadline and
+disarms it when done (two attribute writes). One daemon thread scans the armed
+slots every ``tick`` seconds and, when a deadline has passed, shuts the socket
+down so the blocked call fails at once and SQLAlchemy discards the connection.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class Slot:
 
 
 def socket_fileno(dbapi_connection: object) -> int | None:
-    """The socket's file descriptor for psycopg 3 / psycopg2 / PyMySQL / aiomysql connections."""
+    """The socket's file descriptor of a driver connection, or None.
+
+    psycopg 3, psycopg2, PyMySQL, aiomysql and asyncpg connections; None when the
+    connection is closed or of an unknown kind.
+    """
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is not None:
         try:
@@ -46,9 +51,14 @@ def socket_fileno(dbapi_connection: object) -> int | None:
         except Exception:
             return None
     sock = getattr(dbapi_connection, "_sock", None)
-    if sock is None:  # aiomysql: an asyncio stream
-        writer = getattr(dbapi_connection, "_writer", None)
-        sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None:  # aiomysql: an asyncio stream; asyncpg: an asyncio transport
+        transport = getattr(dbapi_connection, "_writer", None) or getattr(
+            dbapi_connection, "_transport", None
+        )
+        try:
+            sock = transport.get_extra_info("socket") if transport is not None else None
+        except Exception:
+            return None
     if sock is not None:
         try:
             return int(sock.fileno())

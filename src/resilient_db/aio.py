@@ -13,8 +13,9 @@ This module adds what only async drivers need:
 - aiomysql's ``connect_timeout`` bounds the TCP connect but not the MySQL
   handshake, so a server that accepts and never greets would hang the connect
   for ever: the whole connect is put under ``Timeouts.connect``;
-- asyncpg raises ``TimeoutError`` (its ``command_timeout``) and socket errors
-  bare, past SQLAlchemy's exception wrapping: they become
+- asyncpg raises ``TimeoutError`` (a ``command_timeout`` the caller set) and
+  socket errors bare, past SQLAlchemy's exception wrapping, and a call the
+  watchdog cut as a generic ``DBAPIError``: they become
   :class:`sqlalchemy.exc.OperationalError` with their ErrorContext, and a
   timed-out asyncpg connection is aborted at once instead of being closed
   "gracefully" for up to 2 more seconds over the network that went silent.
@@ -263,9 +264,13 @@ def _after_classified(ctx: Any) -> BaseException | None:
     ectx = error_context(found)
     if ectx is None:
         return None  # cancellation, or an error nobody classified
-    if ectx.kind == Kind.READ_TIMEOUT.value and ctx.connection is not None:
+    timed_out = ectx.kind == Kind.READ_TIMEOUT.value
+    if timed_out and ctx.connection is not None:
         _abort_asyncpg(ctx.connection)
-    if ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError)):
+    if (ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError))) or (
+        # the watchdog's shot: asyncpg says "connection was closed", a generic DBAPIError
+        timed_out and not isinstance(found, sa_exc.OperationalError)
+    ):
         wrapped = sa_exc.OperationalError(
             ctx.statement,
             None,

@@ -65,8 +65,9 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     """The ``connect_args`` resilient_db applies for ``url``'s driver.
 
     Finite connect timeouts (libpq and PyMySQL wait for ever or very long), a
-    read timeout where the driver has one, a server-side statement timeout,
-    TCP keepalives and ``application_name``. Anything the caller set wins.
+    read timeout where the driver has a cheap one (PyMySQL; the watchdog bounds
+    the calls of the others), a server-side statement timeout, TCP keepalives
+    and ``application_name``. Anything the caller set wins.
     """
     t = policy.timeouts
     backend, driver = url.get_backend_name(), url.get_driver_name()
@@ -84,8 +85,8 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     elif backend == "postgresql" and driver == "asyncpg":
         if t.connect is not None:
             args["timeout"] = t.connect
-        if t.call is not None:
-            args["command_timeout"] = t.call
+        # Timeouts.call: the watchdog, not command_timeout (a loop timer per protocol
+        # exchange); a command_timeout given in connect_args still wins (_hooks.py)
         settings: dict[str, str] = {}
         if policy.application_name:
             settings["application_name"] = policy.application_name
