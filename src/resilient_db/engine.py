@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from sqlalchemy import exc as sa_exc
@@ -18,6 +18,9 @@ from .config import DEFAULT_POLICY, Policy, ValidateMode
 from .errors import ConfigurationError
 from .failover import Host, Role, split_url
 from .failover import attach as attach_failover
+
+if TYPE_CHECKING:
+    from ._types import EngineLike
 
 __all__ = [
     "breaker_of",
@@ -277,10 +280,10 @@ def _default_name(url: URL) -> str:
     return f"{t}:{url.host or 'localhost'}/{url.database or ''}"
 
 
-def resilience_of(engine: Any) -> Resilience:
+def resilience_of(engine: EngineLike) -> Resilience:
     """The resilience state of a wrapped engine (Engine, AsyncEngine or Connection)."""
-    e = getattr(engine, "sync_engine", engine)
-    e = getattr(e, "engine", e)
+    inner: Any = getattr(engine, "sync_engine", engine)
+    e: Any = getattr(inner, "engine", inner)  # a Connection's engine
     r = _REGISTRY.get(e)
     if r is None:
         proxied = getattr(e, "_proxied", None)  # Engine.execution_options() copies
@@ -294,12 +297,12 @@ def resilience_of(engine: Any) -> Resilience:
     return r
 
 
-def policy_of(engine: Any) -> Policy:
+def policy_of(engine: EngineLike) -> Policy:
     """The :class:`Policy` an engine runs with."""
     return resilience_of(engine).policy
 
 
-def breaker_of(engine: Any) -> CircuitBreaker:
+def breaker_of(engine: EngineLike) -> CircuitBreaker:
     """The engine's circuit breaker: ``snapshot()``, ``force_open()``, ``reset()``..."""
     b = resilience_of(engine).breaker
     if b is None:
@@ -309,7 +312,7 @@ def breaker_of(engine: Any) -> CircuitBreaker:
     return b
 
 
-def breaker_state(engine: Any) -> BreakerSnapshot | None:
+def breaker_state(engine: EngineLike) -> BreakerSnapshot | None:
     """A snapshot of the engine's breaker, or None when it has none."""
     b = resilience_of(engine).breaker
     return b.snapshot() if b is not None else None
