@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db
+from resilient_db import aio
 from resilient_db.engine import driver_defaults, resilience_of
 
 
@@ -201,6 +202,21 @@ def test_nonsensical_policies_name_the_field(build: object, field: str) -> None:
         build()  # type: ignore[operator]
     assert field == info.value.field
     assert info.value.fix  # every error says what to do
+
+
+@pytest.mark.parametrize("make", [resilient_db.create_engine, resilient_db.create_async_engine])
+def test_bad_validate_mode_is_refused_before_any_engine_exists(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate='sometimes' raises before an engine is built or a host is asked for its role."""
+    built: list[object] = []
+    monkeypatch.setattr(sa, "create_engine", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(aio, "_sa_create_async_engine", lambda *a, **k: built.append(a))
+    driver = "asyncpg" if make is resilient_db.create_async_engine else "psycopg"
+    url = f"postgresql+{driver}://u@db1:5432/app"
+    with pytest.raises(resilient_db.ConfigurationError) as info:
+        make(url, hosts=["db1:5432", "db2:5432"], validate="sometimes")
+    assert ("validate", []) == (info.value.field, built)
 
 
 def test_policy_argument_type_checked(sqlite_url: str) -> None:

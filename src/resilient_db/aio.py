@@ -44,6 +44,7 @@ from .engine import (
     _engine_kwargs,
     _parse_url,
     _startup_validate,
+    _validate_mode,
     policy_of,
     resilience_of,
     wrap,
@@ -91,6 +92,7 @@ def create_async_engine(
     (see :mod:`resilient_db.failover`).
     """
     policy = _check_policy(policy)
+    mode = _validate_mode(policy, validate)  # before anything is built or connected
     u, host_list, role = split_url(_parse_url(url), hosts, role)
     kw = _engine_kwargs(u, policy, kwargs)
     try:
@@ -118,7 +120,7 @@ def create_async_engine(
         role=role if host_list is not None else None,
     )
     fo = _failover_of(engine)
-    if fo is not None and (validate or policy.validate) != "off":
+    if fo is not None and mode != "off":
         # validate the server the engine picks, not whichever host is listed first
         chosen = _select(fo, engine, kw["connect_args"])
         if chosen != fo.hosts[0]:

@@ -187,6 +187,7 @@ def create_engine(
     ``target_session_attrs``) says which one to use: see :mod:`resilient_db.failover`.
     """
     policy = _check_policy(policy)
+    mode = _validate_mode(policy, validate)  # before anything is built or connected
     u, host_list, role = split_url(_parse_url(url), hosts, role)
     kw = _engine_kwargs(u, policy, kwargs)
     try:
@@ -206,7 +207,7 @@ def create_engine(
         role=role if host_list is not None else None,
     )
     fo = _REGISTRY[engine].failover
-    if fo is not None and (validate or policy.validate) != "off":
+    if fo is not None and mode != "off":
         # validate the server the engine picks, not whichever host is listed first
         chosen = fo.select(engine, kw["connect_args"])
         if chosen != fo.hosts[0]:
@@ -220,12 +221,18 @@ def create_engine(
     return engine
 
 
-def _startup_validate(engine: Engine, policy: Policy, validate: ValidateMode | None) -> None:
+def _validate_mode(policy: Policy, validate: ValidateMode | None) -> ValidateMode:
+    """The startup-check mode: ``validate`` if given, else the policy's; checked."""
     mode = validate if validate is not None else policy.validate
     if mode not in ("strict", "warn", "off"):
         raise ConfigurationError(
             "validate", f"must be 'strict', 'warn' or 'off', got {mode!r}.", "Pick one."
         )
+    return mode
+
+
+def _startup_validate(engine: Engine, policy: Policy, validate: ValidateMode | None) -> None:
+    mode = _validate_mode(policy, validate)
     if mode == "off":
         return
     from .validation import startup_check
