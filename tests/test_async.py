@@ -566,12 +566,14 @@ async def test_sqlite_locked_is_a_lock_timeout(sqlite_url: str) -> None:
 # -- the bounded pool --------------------------------------------------------------------
 
 
-@pytest.fixture(params=["aiosqlite", "asyncpg"])
+@pytest.fixture(params=["aiosqlite", "asyncpg", "psycopg", "aiomysql"])
 def pool_url(request: pytest.FixtureRequest) -> str:
-    """aiosqlite and asyncpg, for the pool tests."""
+    """Every async driver, for the pool tests."""
     if request.param == "aiosqlite":
         return to_async(str(request.getfixturevalue("sqlite_url")), "aiosqlite")
-    return to_async(str(request.getfixturevalue("pg_url")), "asyncpg")
+    if request.param == "aiomysql":
+        return to_async(str(request.getfixturevalue("mariadb_url")), "aiomysql")
+    return to_async(str(request.getfixturevalue("pg_url")), request.param)
 
 
 async def test_bulkhead_rejects_beyond_max_waiters_at_once(pool_url: str) -> None:
