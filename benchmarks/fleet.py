@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not reachable(where.hostname or "127.0.0.1", where.port or 6379):
         print("fleet: Redis not reachable, skipped", file=sys.stderr)
         return 0
-    rounds, calls = (5, 300) if args.smoke else (21, 2000)
+    rounds, calls = (11, 300) if args.smoke else (21, 2000)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    rounds, calls = (5, 300) if args.smoke else (21, 2000)
+    rounds, calls = (11, 300) if args.smoke else (21, 2000)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
