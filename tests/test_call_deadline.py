@@ -251,3 +251,26 @@ async def test_connection_setup_into_silence_is_bounded(
     assert took < BOUND
     assert (0, 1, 1) == await recovers(engine, proxy)
     await engine.dispose()
+
+
+def test_failed_setup_disarms_its_deadline(pg_url: str) -> None:
+    """A connect listener that fails during set-up: the set-up deadline and context end."""
+    from resilient_db._hooks import _SETTING_UP
+
+    engine = resilient_db.create_engine(pg_url, policy=policy())
+    slots: list[Any] = []
+
+    def boom(dbapi_connection: Any, record: Any) -> None:
+        if not slots:
+            slots.append(record.info["resilient_db.slot"])
+            dbapi_connection.cursor().execute("SELECT 1/0")  # a DBAPI error in the set-up
+
+    event.listen(engine, "connect", boom, insert=True)  # before resilient_db's last listener
+    with pytest.raises(sa.exc.DataError):
+        engine.connect()
+    (slot,) = slots
+    armed_after_failure = (slot.deadline, _SETTING_UP.get())
+    with engine.connect() as c:
+        answer = c.execute(sa.text("SELECT 1")).scalar()
+    assert ((0.0, None), 1) == (armed_after_failure, answer)
+    engine.dispose()

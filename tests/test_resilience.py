@@ -38,7 +38,7 @@ from resilient_db import (
     error_context,
 )
 from resilient_db._hooks import Resilience
-from resilient_db._watchdog import Slot, Watchdog
+from resilient_db._watchdog import Slot, Watchdog, _shutdown, socket_fileno
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
 from resilient_db.testing import ManualClock
@@ -645,16 +645,58 @@ def test_watchdog_spares_a_call_that_ends_before_the_shot(monkeypatch: pytest.Mo
         peer.close()
 
 
-def test_late_watchdog_fire_does_not_mislabel_the_next_error(pg_url: str) -> None:
-    """A fire that lands as a call succeeds is cleared; the next error keeps its own kind."""
+def _backend_pid(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _shoot(conn: sa.Connection) -> None:
+    """What the watchdog's shot does: shut the connection's socket down."""
+    fd = socket_fileno(conn.connection.driver_connection)
+    assert fd is not None
+    assert _shutdown(fd, lambda: True)
+
+
+def test_fire_landing_as_a_call_returns_fails_only_the_next_call_of_that_connection(
+    pg_url: str,
+) -> None:
+    """The shot lands just after the reply: the call succeeds, its connection is dead.
+
+    Its next call fails as read_timeout (phase execute: nothing was sent), only that
+    connection is replaced, and the other pooled connection is kept (no pool invalidation).
+    """
     engine = resilient_db.create_engine(pg_url, policy=policy())
+    with engine.connect() as a, engine.connect() as b:
+        pids = {_backend_pid(a), _backend_pid(b)}
     with engine.connect() as c:
+        shot_pid = _backend_pid(c)
         slot = c.info["resilient_db.slot"]
-        slot.fired = True  # the watchdog fired while the next call was returning
+        slot.fired = True  # the watchdog fired while this call was returning...
+        assert 1 == c.execute(sa.text("SELECT 1")).scalar()
+        _shoot(c)  # ...and shut the socket down
+        with pytest.raises(sa.exc.OperationalError) as info:
+            c.execute(sa.text("SELECT 2"))
+    ctx = ctx_of(info.value)
+    with engine.connect() as a, engine.connect() as b:
+        after = {_backend_pid(a), _backend_pid(b)}
+    assert ("read_timeout", "execute", True, False) == (ctx.kind, ctx.phase, slot.shot, slot.fired)
+    assert (pids - {shot_pid}, 1) == (after & pids, len(after - pids))
+    engine.dispose()
+
+
+def test_shot_connection_returned_to_the_pool_is_never_handed_out_again(pg_url: str) -> None:
+    """A connection shot as its last call returned is reconnected at its next checkout."""
+    engine = resilient_db.create_engine(
+        pg_url, policy=policy(pool=PoolPolicy(size=1, max_overflow=0, ping_after_idle=None))
+    )
+    with engine.connect() as c:
+        before = _backend_pid(c)
+        c.info["resilient_db.slot"].fired = True  # the watchdog fired as the call returned
         c.execute(sa.text("SELECT 1"))
-        with pytest.raises(sa.exc.DataError) as info:
-            c.execute(sa.text("SELECT 1 / 0"))
-    assert ("application", False) == (ctx_of(info.value).kind, slot.fired)
+        _shoot(c)
+    with engine.connect() as c:
+        after = _backend_pid(c)
+        slot = c.info["resilient_db.slot"]
+    assert (True, False) == (before != after, slot.shot)
     engine.dispose()
 
 

@@ -980,3 +980,16 @@ def test_mariadb_system_name(mariadb_url: str, otel: Otel) -> None:
         attrs["db.namespace"],
         attrs["server.port"],
     )
+
+
+def test_held_values_get_no_exemplar_from_the_collecting_request(
+    sqlite_url: str, otel: Otel
+) -> None:
+    """A collection inside a traced request (/metrics) does not tie held values to it."""
+    engine = make_engine(sqlite_url, otel, name="exemplars")
+    run_happy_path(engine, 2)
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("GET /metrics"):
+        m = otel.metrics()
+    (point,) = m["db.client.operation.duration"].data.data_points
+    assert (4, []) == (point.count, list(point.exemplars))

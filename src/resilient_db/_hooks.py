@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sys
 import threading
 import time
 import weakref
@@ -342,14 +343,21 @@ class Resilience:
         conn = ctx.connection
         if self.watch:
             # no Connection: a new connection's set-up failed (see watch_connection)
-            slot = _slot_of(conn) if conn is not None else _SETTING_UP.get()
-            if slot is not None and slot.fired:
+            setting_up = _SETTING_UP.get()
+            slot = _slot_of(conn) if conn is not None else setting_up
+            if setting_up is not None and (conn is None or slot is setting_up):
+                setting_up.deadline = 0.0  # that set-up failed, so it is over
+                _SETTING_UP.set(None)
+            if slot is not None and (slot.fired or slot.shot):
+                # the watchdog cut this call, or an earlier one that still returned (shot):
+                # then nothing of this call reached the server, so no ambiguous commit
+                earlier = not slot.fired
                 slot.fired = False
-                if slot is _SETTING_UP.get():  # the first connection's initialize()
+                if slot is setting_up:  # the first connection's initialize()
                     phase = "connect"
                 # a call on an open connection timed out (a set-up query too: not a connect
                 # timeout); at COMMIT, an ambiguous commit
-                call_phase = "execute" if phase == "connect" else phase
+                call_phase = "execute" if phase == "connect" or earlier else phase
                 c = classify(TimeoutError("call deadline"), phase=call_phase, target=t)
         b = self.breaker
         if b is not None:
@@ -430,8 +438,7 @@ class Resilience:
             self.watch_connection(dbapi_connection, record)
             slot = record.info.get("resilient_db.slot")
         if slot is not None:
-            slot.deadline = 0.0
-            slot.fired = False
+            slot.disarm(0.0)  # shot during the set-up: its first call fails as read_timeout
         _SETTING_UP.set(None)
 
     def on_connect_mariadb(self, dbapi_connection: Any, record: Any) -> None:
@@ -526,8 +533,9 @@ class Resilience:
 
 def _bounds_own_calls(driver: Any) -> bool:
     """True for an asyncpg connection with a ``command_timeout`` of its own."""
-    if not type(driver).__module__.startswith("asyncpg"):
-        return False
+    asyncpg = sys.modules.get("asyncpg")  # loaded, if this is an asyncpg connection
+    if asyncpg is None or not isinstance(driver, asyncpg.Connection):
+        return False  # a connection_class= subclass is an asyncpg.Connection too
     config = getattr(driver, "_config", None)
     return getattr(config, "command_timeout", None) is not None
 
@@ -658,6 +666,12 @@ class _ResilientPool:
             r.timing.checked_in(record)
         b = r.breaker
         info = record.info
+        if r.watch:
+            slot = info.get("resilient_db.slot")
+            if slot is not None and slot.shot:
+                # its socket was shut down after its call returned: never hand it out again
+                info["resilient_db.failed"] = True
+                record.invalidate(soft=True)  # reconnected at its next checkout
         # an empty info (SQLite) carries no mark: skip the pops; a server connection's
         # info always holds its watchdog slot or idle time, so there they run every time
         if b is not None and (info or r.probes or not b.quiet):
@@ -686,23 +700,27 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
     slow = r.slow_call
     clock = r.clock
 
-    def guard(original: Callable[..., Any], info_of: Callable[..., Any]) -> Callable[..., Any]:
+    def guard(
+        original: Callable[..., Any], info_of: Callable[..., Any], rollback: bool = False
+    ) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
             # the record's info up front only for the watchdog slot; a slow call reads it after
             info = info_of(args) if call is not None else None
             slot = info.get("resilient_db.slot") if info else None
-            outer = 0.0  # a deadline around this call (a connection's set-up), restored after
-            if slot is not None:
-                outer = slot.deadline
-                slot.deadline = time.monotonic() + call  # type: ignore[operator]
+            if rollback and slot is not None and slot.shot:
+                # its socket is shut down: the server rolled back when it saw the connection
+                # close, and the pool replaces this connection at checkin
+                return None
+            # a deadline around this call (a connection's set-up) bounds it too, restored after
+            outer = slot.arm(call) if slot is not None else 0.0
             t0 = clock() if slow is not None else 0.0
             try:
                 result = original(*args)
             finally:
                 if slot is not None:
-                    slot.deadline = outer
-            if slot is not None and slot.fired:
-                slot.fired = False  # fired as the call ended: not the next error's cause
+                    slot.disarm(outer)
+            if slot is not None:
+                slot.returned()
             if slow is not None and clock() - t0 > slow:
                 info = info if info is not None else info_of(args)
                 if info is not None:
@@ -713,8 +731,8 @@ def _guard_calls(dialect: Any, r: Resilience) -> None:
 
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
         setattr(dialect, name, guard(getattr(dialect, name), _context_info))
-    for name in ("do_commit", "do_rollback"):
-        setattr(dialect, name, guard(getattr(dialect, name), _connection_info))
+    dialect.do_commit = guard(dialect.do_commit, _connection_info)
+    dialect.do_rollback = guard(dialect.do_rollback, _connection_info, rollback=True)
 
 
 class _DeadlineCursor:
@@ -742,14 +760,12 @@ class _DeadlineCursor:
 
     def _within(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         slot = self._rdb_slot
-        outer = slot.deadline
-        slot.deadline = time.monotonic() + self._rdb_call
+        outer = slot.arm(self._rdb_call)
         try:
             result = fn(*args, **kwargs)
         finally:
-            slot.deadline = outer
-        if slot.fired:
-            slot.fired = False  # fired as the fetch ended: not the next error's cause
+            slot.disarm(outer)
+        slot.returned()
         return result
 
     def fetchone(self) -> Any:
@@ -762,7 +778,27 @@ class _DeadlineCursor:
         return self._within(self._rdb_cursor.fetchall)
 
     def close(self) -> Any:
-        return self._within(self._rdb_cursor.close)
+        slot = self._rdb_slot
+        outer = slot.arm(self._rdb_call)
+        try:
+            return self._rdb_cursor.close()
+        finally:
+            slot.disarm(outer)
+            # SQLAlchemy swallows a failed close, so no handle_error reads `fired`: the
+            # connection is marked shot now and its next call fails as read_timeout
+            slot.returned()
+
+    def scroll(self, *args: Any, **kwargs: Any) -> Any:
+        return self._within(self._rdb_cursor.scroll, *args, **kwargs)
+
+    def __next__(self) -> Any:
+        return self._within(next, self._rdb_cursor)
+
+    def __enter__(self) -> _DeadlineCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[Any]:
         rows = iter(self._rdb_cursor)
@@ -840,6 +876,7 @@ def install(engine: Engine, r: Resilience) -> None:
     pool.__class__ = cls
 
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
+        _SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
         tel = r.telemetry  # a span and timing around the whole connect sequence
         if tel is None:
             conn = r.connect(d, ca, cp, rec)

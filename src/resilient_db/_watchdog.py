@@ -22,14 +22,45 @@ __all__ = ["Slot", "Watchdog", "socket_fileno"]
 
 
 class Slot:
-    """The deadline state of one DBAPI connection."""
+    """The deadline state of one DBAPI connection.
 
-    __slots__ = ("__weakref__", "deadline", "fd_getter", "fired")
+    ``fired``: the watchdog shut the socket down during the current call.
+    ``shot``: it did so although that call still returned (its reply was in,
+    but an event loop or a thread ran too late to see it before the
+    deadline); the connection is dead and must not serve another call.
+    """
+
+    __slots__ = ("__weakref__", "deadline", "fd_getter", "fired", "shot")
 
     def __init__(self, fd_getter: Callable[[], int | None]) -> None:
         self.deadline = 0.0
         self.fired = False
+        self.shot = False
         self.fd_getter = fd_getter
+
+    def arm(self, seconds: float) -> float:
+        """Arm a deadline ``seconds`` from now, never later than one already armed.
+
+        Returns the deadline that was armed before, for :meth:`disarm`.
+        """
+        outer = self.deadline
+        deadline = time.monotonic() + seconds
+        self.deadline = deadline if not outer or deadline < outer else outer
+        return outer
+
+    def disarm(self, outer: float) -> None:
+        """The call ended: restore the deadline that was armed before it."""
+        self.deadline = outer
+
+    def returned(self) -> None:
+        """The call returned: if the watchdog fired anyway, the connection is ``shot``.
+
+        A call that raised instead leaves ``fired`` for the engine's
+        ``handle_error``, which classifies its error as the deadline's.
+        """
+        if self.fired:
+            self.fired = False
+            self.shot = True
 
 
 def socket_fileno(dbapi_connection: object) -> int | None:

@@ -508,7 +508,7 @@ def instrument(
       now; ``False``: never.
     - ``pool_timings``: also record ``db.client.connection.wait_time`` (per
       checkout) and ``use_time`` (per checkin), whenever ``timings`` are on.
-      Off by default: each is one more SDK ``record()`` per request.
+      Off by default: two more values per request for the collection to record.
     - ``capture_statement``: add the SQL text (never its parameters) as
       ``db.query.text`` to error span events.
     - ``timing_buffer``: how many values of each per-call histogram wait for

@@ -15,6 +15,7 @@ docs, the alert rules and the tests are checked against it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from . import EngineTelemetry
 
 __all__ = ["METRICS", "Instruments", "MetricSpec", "instruments_for", "is_real_provider"]
+
+_logger = logging.getLogger("resilient_db")
 
 POOL = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -285,7 +288,10 @@ class Instruments:
             # storage, so the first callback of a collection records what the engines
             # timed since the last one into it (the others find the buffers empty).
             for tel in engines:
-                tel.flush()
+                try:
+                    tel.flush()
+                except Exception:  # never lose this collection's other observations
+                    _logger.debug("resilient_db: flushing held timings failed", exc_info=True)
             for tel in engines:
                 yield from fn(tel)
 
