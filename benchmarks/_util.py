@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -110,3 +113,29 @@ def sync_urls(dbs: str, tmp: str, prog: str) -> Iterator[tuple[str, str]]:
             yield db, PG_URL
         else:
             raise ValueError(f"unknown database {db!r}")
+
+
+#: (rounds, calls) of the interleaved sync benchmarks: ``--smoke`` and a full run.
+SMOKE_ROUNDS = (11, 300)
+FULL_ROUNDS = (21, 2000)
+
+
+def per_database(
+    ap: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    prog: str,
+    measure: Callable[..., dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """``measure(url, rounds=, calls=)`` on each database of ``--db``, by name.
+
+    The rounds follow ``--smoke``; an unknown database name is a usage error.
+    """
+    rounds, calls = SMOKE_ROUNDS if args.smoke else FULL_ROUNDS
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for db, url in sync_urls(args.db, tmp, prog):
+                results[db] = measure(url, rounds=rounds, calls=calls)
+        except ValueError as e:
+            ap.error(str(e))
+    return results

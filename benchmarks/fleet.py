@@ -13,10 +13,10 @@ extra work, and no call makes a Redis round trip.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import tempfile
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 import resilient_db
 
-from ._util import interleaved, median, reachable, sync_urls, table
+from ._util import interleaved, median, per_database, reachable, table
 
 TARGET = 1.05
 REDIS_URL = os.environ.get("RDB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -86,14 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not reachable(where.hostname or "127.0.0.1", where.port or 6379):
         print("fleet: Redis not reachable, skipped", file=sys.stderr)
         return 0
-    rounds, calls = (11, 300) if args.smoke else (21, 2000)
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            for db, url in sync_urls(args.db, tmp, "fleet"):
-                results[db] = measure(url, args.redis, rounds=rounds, calls=calls)
-        except ValueError as e:
-            ap.error(str(e))
+    results = per_database(ap, args, "fleet", functools.partial(measure, redis_url=args.redis))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

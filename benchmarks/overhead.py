@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 
 import resilient_db
 
-from ._util import interleaved, median, sync_urls, table
+from ._util import interleaved, median, per_database, table
 
 TARGET = 1.05
 
@@ -60,14 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    rounds, calls = (11, 300) if args.smoke else (21, 2000)
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            for db, url in sync_urls(args.db, tmp, "overhead"):
-                results[db] = measure(url, rounds=rounds, calls=calls)
-        except ValueError as e:
-            ap.error(str(e))
+    results = per_database(ap, args, "overhead", measure)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,7 @@ import sqlalchemy as sa
 import resilient_db
 from resilient_db.telemetry import instrument, telemetry_of
 
-from ._util import WARMUP, interleaved, median, sync_urls, table
+from ._util import WARMUP, interleaved, median, per_database, table
 
 #: variant -> target ratio to raw SQLAlchemy (None: informational)
 TARGETS: dict[str, float | None] = {
@@ -114,14 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    rounds, calls = (11, 300) if args.smoke else (21, 2000)
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            for db, url in sync_urls(args.db, tmp, "telemetry_overhead"):
-                results[db] = measure(url, rounds=rounds, calls=calls)
-        except ValueError as e:
-            ap.error(str(e))
+    results = per_database(ap, args, "telemetry_overhead", measure)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
