@@ -13,9 +13,9 @@ its storage, so each collection still reports every value up to its own start.
 Like a ``BatchSpanProcessor``, this moves the SDK's CPU off the request path,
 not out of the process. When ``capacity`` values are waiting (no reader has
 collected for a long time), further values are recorded at once, so nothing is
-lost and memory stays bounded (8 bytes per value). Values recorded later are
-recorded with an empty context, so the SDK attaches no exemplars to them
-(rather than the collecting request's trace); ``capacity=0`` records every
+lost and memory stays bounded (8 bytes per value). Values recorded later get
+a context of their own, with no span in it, so the SDK attaches no exemplars
+to them (rather than the collecting request's trace); ``capacity=0`` records every
 value at once (see ``docs/observability.md``). A flush gives up the GIL every
 :data:`BATCH` values, so the threads waiting on database replies meanwhile
 are not held up for the whole flush.
