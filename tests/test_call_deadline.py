@@ -255,7 +255,7 @@ async def test_connection_setup_into_silence_is_bounded(
 
 def test_failed_setup_disarms_its_deadline(pg_url: str) -> None:
     """A connect listener that fails during set-up: the set-up deadline and context end."""
-    from resilient_db._hooks import _SETTING_UP
+    from resilient_db._deadline import SETTING_UP as _SETTING_UP
 
     engine = resilient_db.create_engine(pg_url, policy=policy())
     slots: list[Any] = []

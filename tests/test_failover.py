@@ -33,6 +33,7 @@ from resilient_db import (
     RetryLevel,
     RetryPolicy,
     Timeouts,
+    _connect,
     breaker_of,
     classify,
     error_context,
@@ -366,7 +367,9 @@ def test_host_label_is_written_on_the_record_being_connected(pg_url: str) -> Non
         engine.dispose()
 
 
-def test_role_check_of_a_silent_server_is_bounded(pg_url: str) -> None:
+def test_role_check_of_a_silent_server_is_bounded(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A server that goes silent after the handshake fails its role check within the limit."""
     u = sa.make_url(pg_url)
     live = f"{u.host}:{u.port or 5432}"
@@ -374,16 +377,15 @@ def test_role_check_of_a_silent_server_is_bounded(pg_url: str) -> None:
     with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as proxy:
         silent = f"{proxy.host}:{proxy.port}"
         engine = resilient_db.create_engine(pg_url, hosts=[silent, live], policy=policy)
-        r = resilience_of(engine)
-        real_open = r._open
+        real_open = _connect.open_connection
 
-        def open_then_go_silent(dialect: Any, cargs: Any, cparams: Any) -> Any:
-            conn = real_open(dialect, cargs, cparams)
+        def open_then_go_silent(r: Any, dialect: Any, cargs: Any, cparams: Any) -> Any:
+            conn = real_open(r, dialect, cargs, cparams)
             if cparams["port"] == proxy.port:  # handshake done, then the network goes silent
                 proxy.blackhole()
             return conn
 
-        r._open = open_then_go_silent  # type: ignore[method-assign]
+        monkeypatch.setattr(_connect, "open_connection", open_then_go_silent)
         t0 = time.monotonic()
         port = _port(engine)
         took = time.monotonic() - t0

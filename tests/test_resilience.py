@@ -33,11 +33,11 @@ from resilient_db import (
     RetryPolicy,
     Timeouts,
     _backoff,
+    _connect,
     _watchdog,
     breaker_of,
     error_context,
 )
-from resilient_db._hooks import Resilience
 from resilient_db._watchdog import Slot, Watchdog, _shutdown, socket_fileno
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
@@ -786,7 +786,7 @@ def test_happy_path_builds_no_retry_machinery(
     def boom(*a: Any, **k: Any) -> Any:
         raise AssertionError("retry loop entered")
 
-    monkeypatch.setattr(Resilience, "_connect_retrying", boom)
+    monkeypatch.setattr(_connect, "_connect_retrying", boom)
     engine = resilient_db.create_engine(sqlite_url, policy=policy())
     assert 1 == select_one(engine)
     engine.dispose()

@@ -5,8 +5,11 @@ validated configuration, classified and explained errors, a circuit breaker,
 safe connect retries and a bounded pool.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
+
 from ._backoff import set_testing
-from .aio import create_async_engine, wrap_async
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .classify import Classification, Kind, RetryLevel, Target, classify
 from .config import (
@@ -94,4 +97,28 @@ __all__ = [
     "wrap_async",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("resilient-db")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+if TYPE_CHECKING:
+    from .aio import create_async_engine, wrap_async
+
+# imported on first use: sync-only services never load sqlalchemy.ext.asyncio
+_LAZY = {"create_async_engine": "aio", "wrap_async": "aio"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilient_db' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -18,7 +18,11 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["Slot", "Watchdog", "socket_fileno"]
+__all__ = ["WATCHED_DRIVERS", "Slot", "Watchdog", "socket_fileno"]
+
+# Drivers without a client-side read timeout: guarded by the watchdog.
+# asyncpg has command_timeout, but it costs an event-loop timer per protocol exchange.
+WATCHED_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async", "aiomysql", "asyncpg"})
 
 
 class Slot:

@@ -35,13 +35,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
-from sqlalchemy.util import greenlet_spawn
 
+from ._compat import spawn
+from ._driver_args import engine_kwargs
 from .classify import Kind
 from .config import Policy, ValidateMode
 from .engine import (
     _check_policy,
-    _engine_kwargs,
     _parse_url,
     _startup_validate,
     _validate_mode,
@@ -94,7 +94,7 @@ def create_async_engine(
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
     u, host_list, role = split_url(_parse_url(url), hosts, role)
-    kw = _engine_kwargs(u, policy, kwargs)
+    kw = engine_kwargs(u, policy, kwargs)
     try:
         engine = _sa_create_async_engine(u, **kw)
     except TypeError as e:
@@ -176,7 +176,8 @@ def wrap_async(
 
 
 def _failover_of(engine: AsyncEngine) -> Failover | None:
-    return resilience_of(engine).failover
+    fo = resilience_of(engine).failover
+    return fo if isinstance(fo, Failover) else None
 
 
 def _select(fo: Failover, engine: AsyncEngine, connect_args: dict[str, Any]) -> Host:
@@ -194,7 +195,7 @@ def _select(fo: Failover, engine: AsyncEngine, connect_args: dict[str, Any]) -> 
     box: list[Host] = []
 
     def run() -> None:
-        box.append(asyncio.run(greenlet_spawn(fo.select, sync_engine, args)))
+        box.append(asyncio.run(spawn(fo.select, sync_engine, args)))
 
     worker = threading.Thread(target=run, name="resilient-db-select", daemon=True)
     worker.start()

@@ -44,14 +44,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import URL, Engine
 
-from ._hooks import _WATCHED_DRIVERS
-from ._watchdog import WATCHDOG, socket_fileno
+from ._connect import opener
+from ._state import resilience_of
+from ._watchdog import WATCHDOG, WATCHED_DRIVERS, socket_fileno
 from .breaker import BreakerSnapshot, CircuitBreaker, Rejected
 from .classify import _RULES, Classification, Kind, RetryLevel, Target, _format, classify
 from .errors import CircuitOpenError, ConfigurationError, ErrorContext, NoPrimaryError
 
 if TYPE_CHECKING:
-    from ._hooks import Resilience
+    from ._state import Resilience
     from ._types import EngineLike
 
 __all__ = ["ROLES", "Host", "HostStatus", "Role", "hosts_of"]
@@ -315,7 +316,7 @@ class Failover:
         self.backend = backend
         # psycopg and aiomysql have no read timeout: the watchdog bounds the role check
         t = r.policy.timeouts
-        self.check_limit = (t.connect or t.call) if driver in _WATCHED_DRIVERS else None
+        self.check_limit = (t.connect or t.call) if driver in WATCHED_DRIVERS else None
         self.hosts = hosts
         self.role = role
         bp = r.policy.breaker
@@ -552,7 +553,7 @@ class Failover:
         dialect = engine.dialect
         cargs, cparams = dialect.create_connect_args(engine.url)
         try:
-            conn = self.connect(dialect, cargs, {**cparams, **connect_args}, self.r._open)
+            conn = self.connect(dialect, cargs, {**cparams, **connect_args}, opener(self.r))
         except Exception:
             return self.hosts[0]
         with contextlib.suppress(Exception):
@@ -585,8 +586,6 @@ def hosts_of(engine: EngineLike) -> tuple[HostStatus, ...]:
 
     Raises :class:`~resilient_db.ConfigurationError` for a single-host engine.
     """
-    from .engine import resilience_of
-
     fo = resilience_of(engine).failover
     if fo is None:
         raise ConfigurationError(

@@ -55,6 +55,7 @@ import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ._state import breaker_of, resilience_of
 from .breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from .errors import ConfigurationError
 
@@ -533,8 +534,6 @@ def share_breaker(
     (tests drive :meth:`RedisBreakerStore.sync` themselves). Call it in each
     worker process after forking.
     """
-    from .engine import breaker_of, resilience_of
-
     breaker = breaker_of(engine)
     store = RedisBreakerStore(
         redis,

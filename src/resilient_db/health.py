@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._compat import base_pool_class, no_free_connection
+from ._compat import max_overflow as pool_max_overflow
+from ._state import resilience_of
 from .breaker import BreakerSnapshot
 from .classify import classify
 from .errors import ConfigurationError, ErrorContext, error_context
@@ -133,10 +136,10 @@ class HealthSnapshot:
 def pool_stats(pool: Pool, r: Any) -> PoolStats:
     """Read ``pool``'s counters (``r``: the engine's Resilience, for the waiters)."""
     waiting = int(getattr(r, "waiting", 0))
-    kind = getattr(type(pool), "_rdb_base", type(pool)).__name__
+    kind = base_pool_class(pool).__name__
     if isinstance(pool, QueuePool):
         size = pool.size()
-        max_overflow = int(getattr(pool, "_max_overflow", 0))
+        max_overflow = pool_max_overflow(pool)
         return PoolStats(
             kind=kind,
             size=size,
@@ -150,8 +153,6 @@ def pool_stats(pool: Pool, r: Any) -> PoolStats:
 
 
 def _engine_and_resilience(engine: EngineLike) -> tuple[Any, Any]:
-    from .engine import resilience_of
-
     r = resilience_of(engine)
     sync = getattr(engine, "sync_engine", engine)
     return getattr(sync, "engine", sync), r
@@ -224,16 +225,9 @@ def _skip_reason(sync: Any, r: Any) -> str | None:
         retry_in = b.retry_in()  # 0: the ping may be the half-open probe
         if retry_in is None or retry_in > 0.0:
             return "ping skipped: circuit breaker open"
-    if r.waiting or _no_free_connection(sync.pool):
+    if r.waiting or no_free_connection(sync.pool):
         return "ping skipped: no free pooled connection"
     return None
-
-
-def _no_free_connection(pool: Any) -> bool:
-    """True when a QueuePool has no idle connection and may not open another."""
-    if not isinstance(pool, QueuePool):
-        return False
-    return bool(pool._pool.qsize() == 0 and pool._overflow >= pool._max_overflow >= 0)
 
 
 def _failure(r: Any, exc: BaseException) -> str:

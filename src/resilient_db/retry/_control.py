@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from sqlalchemy import exc as sa_exc
 
 from .. import _backoff
+from .._state import default_name, resilience_of
 from ..classify import Classification, Kind, RetryLevel, Target, classify
 from ..config import DEFAULT_POLICY, Policy, RetryPolicy
 from ..errors import _CONTEXT_ATTR, AmbiguousCommitError, ConfigurationError, ErrorContext, attach
@@ -26,7 +27,7 @@ from ._binds import _engine_of
 from ._unit import _DUPLICATE, _MISSING, _VERIFIED, ALREADY_COMMITTED, _Try, _Unit, logger
 
 if TYPE_CHECKING:
-    from .._hooks import Resilience
+    from .._state import Resilience
 
 # Bare exceptions count as database errors only when raised inside these packages.
 _DB_PACKAGES = frozenset(
@@ -88,8 +89,6 @@ class _Control:
         engine = _engine_of(bind)
         r: Resilience | None = None
         if engine is not None:
-            from ..engine import resilience_of
-
             try:
                 r = resilience_of(engine)
             except ConfigurationError:  # a plain SQLAlchemy engine
@@ -104,9 +103,7 @@ class _Control:
         if r is not None:
             self.target, self.name = r.target, r.name
         elif engine is not None:
-            from ..engine import _default_name
-
-            self.target, self.name = Target.from_url(engine.url), _default_name(engine.url)
+            self.target, self.name = Target.from_url(engine.url), default_name(engine.url)
         else:
             self.target, self.name = Target(), "unknown"
         self.bind = bind

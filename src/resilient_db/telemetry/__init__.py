@@ -29,8 +29,10 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, Tracer, TracerProvider
 from sqlalchemy import event
 
+from .._state import resilience_of
 from ..classify import Classification, Kind, Target, classify
 from ..errors import ConfigurationError, ErrorContext, error_context
+from ..health import pool_stats
 from . import logs, tracing
 from ._deferred import DEFAULT_CAPACITY, Deferred
 from .metrics import METRICS, Instruments, MetricSpec, Monotonic, instruments_for
@@ -38,7 +40,7 @@ from .metrics import METRICS, Instruments, MetricSpec, Monotonic, instruments_fo
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from .._hooks import Resilience
+    from .._state import Resilience
     from .._types import EngineLike
     from ..health import PoolStats
 
@@ -194,8 +196,6 @@ class EngineTelemetry:
 
     def pool_stats(self) -> PoolStats | None:
         """The engine's current pool statistics, or None once the engine is gone."""
-        from ..health import pool_stats
-
         engine = self._engine()
         if engine is None:
             return None
@@ -520,8 +520,6 @@ def instrument(
 
     ``engine`` may be an Engine, an AsyncEngine or a Connection.
     """
-    from ..engine import resilience_of
-
     if isinstance(timing_buffer, bool) or not isinstance(timing_buffer, int) or timing_buffer < 0:
         raise ConfigurationError(
             "instrument(timing_buffer=)",
@@ -551,8 +549,6 @@ def instrument(
 
 def telemetry_of(engine: EngineLike) -> EngineTelemetry:
     """The :class:`EngineTelemetry` of a resilient_db engine."""
-    from ..engine import resilience_of
-
     tel = resilience_of(engine).telemetry
     if not isinstance(tel, EngineTelemetry):  # pragma: no cover - always attached
         raise LookupError("this engine has no telemetry attached")

@@ -14,7 +14,7 @@ error travels the same path as a real one: classification, the
 :class:`~resilient_db.ErrorContext`, breaker accounting and retries.
 
 - **Connects.** On a resilient engine the injector registers a fault hook that
-  :meth:`Resilience.connect <resilient_db._hooks.Resilience.connect>` consults
+  :func:`resilient_db._connect.connect` consults
   before each attempt, so an injected connect error is retried, counted and
   explained exactly like a refused TCP connection (``fail_connects(2)`` is
   absorbed by the default three attempts). A ``do_connect`` listener that
@@ -48,6 +48,8 @@ from typing import Any, TypeAlias
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+
+from .._compat import run_awaitable
 
 __all__ = ["ErrorSpec", "FaultInjector", "driver_error", "error_kinds"]
 
@@ -446,9 +448,7 @@ class FaultInjector:
         if seconds <= 0:
             return
         if self._is_async:
-            from sqlalchemy.util import await_only
-
-            await_only(asyncio.sleep(seconds))
+            run_awaitable(asyncio.sleep(seconds))
         else:
             time.sleep(seconds)
 

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from sqlalchemy.engine import URL, Engine
 
+from .._compat import queue_pool_limits
 from ..classify import Target
 from ..config import Policy
 from .report import CHECKS, Detail, Finding, Report, Severity
@@ -229,11 +230,10 @@ class _Run:
         per = f"per instance, {n} instance{'s' * (n != 1)}"
         if self.engine is not None:
             pool = self.engine.pool
-            size_fn = getattr(pool, "size", None)
-            overflow = getattr(pool, "_max_overflow", None)
-            if not callable(size_fn) or not isinstance(overflow, int):
+            limits = queue_pool_limits(pool)
+            if limits is None:
                 return None, f"the engine's {type(pool).__name__} has no fixed size"
-            size = int(size_fn())
+            size, overflow = limits
             if overflow < 0:
                 return None, "max_overflow=-1 lets the pool grow without limit"
         else:

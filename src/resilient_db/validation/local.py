@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
+from .._driver_args import merge_connect_args
 from ..classify import Target
 from .context import _as_float, _first_line, _Run, _secs
 
@@ -121,12 +122,10 @@ def _prepare_connect_args(run: _Run) -> None:
         elif callable(creator):
             run.creator = creator
         for fn in run.engine.dialect.dispatch.do_connect:
-            if getattr(fn, "__module__", "") != "resilient_db._hooks":
+            if getattr(fn, "__module__", "") != "resilient_db._attach":
                 run.listeners.append(fn)
     else:
-        from ..engine import _merge_connect_args
-
-        run.args = _merge_connect_args(run.url, run.policy, {})
+        run.args = merge_connect_args(run.url, run.policy, {})
 
 
 # --------------------------------------------------------------------------- policy and hygiene

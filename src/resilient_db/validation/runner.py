@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL, Engine
 
+from .._state import policy_of
 from ..config import DEFAULT_POLICY, Policy
 from ..errors import ConfigurationError
 from .connect import _check_connect
@@ -127,8 +128,6 @@ def _policy_for(source: Any, policy: Policy | None) -> Policy:
         return policy
     if isinstance(source, (str, URL)):
         return DEFAULT_POLICY
-    from ..engine import policy_of
-
     try:
         return policy_of(source)
     except ConfigurationError:

@@ -1,0 +1,250 @@
+"""Pool admission: the breaker gate, the bulkhead and the idle ping, at every checkout.
+
+The engine's pool object becomes an instance of a subclass of its own class
+(``Resilient<QueuePool>``, see :func:`resilient_db._compat.reclass_pool`)
+whose checkout consults the breaker, bounds the callers waiting for a
+connection (``PoolPolicy.max_waiters``), pings a connection that sat idle,
+and whose check-in reports the outcome of a half-open probe to the breaker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import Pool
+
+from . import _compat
+from ._deadline import SLOT
+from ._state import EXITS, Resilience
+from ._watchdog import Slot
+from .breaker import CLOSED, Rejected
+from .classify import Kind, classify
+from .errors import CircuitOpenError, PoolExhaustedError
+
+__all__ = ["circuit_open", "install_pool", "pool_exhausted"]
+
+# kinds of a failed idle ping meaning the server closed the socket (a restart, an idle
+# timeout): the pool's older connections are dead too, reconnecting decides. A ping
+# into silence (read_timeout) still counts: reconnecting would wait out a timeout.
+_GONE = frozenset({Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT})
+
+FAILED = "resilient_db.failed"  # a checkout that must not count as a success
+IDLE_SINCE = "resilient_db.idle_since"
+
+
+def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
+    """The error for a call rejected by the open breaker."""
+    c = r.open_verdict
+    if c is None:  # the same for every rejection: classify once
+        c = r.open_verdict = classify(CircuitOpenError("open"), target=r.target)
+    last = r.breaker.last_failure if r.breaker is not None else None
+    retry_in = rej.retry_in
+    when = "when an operator closes it" if retry_in is None else f"in {retry_in:.2f}s"
+    diagnosis = f"{c.diagnosis} Next probe {when}."
+    if last:
+        diagnosis += f" Last failure: {last}"
+    ctx = r.record_error(c, r.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis))
+    return CircuitOpenError(
+        f"Circuit breaker '{r.name}' is {rej.state}: not connecting to "
+        f"{r.target.where}. {diagnosis}",
+        ctx,
+    )
+
+
+def pool_exhausted(r: Resilience, pool: Pool, waiting: int, cause: str) -> PoolExhaustedError:
+    """The error for a checkout that found no free connection in time."""
+    r.pool_timeouts += 1
+    size = getattr(pool, "size", lambda: 0)()
+    in_use = getattr(pool, "checkedout", lambda: 0)()
+    overflow = max(0, _compat.max_overflow(pool))
+    c = classify(sa_exc.TimeoutError(cause), target=r.target)
+    diagnosis = (
+        f"pool exhausted: {in_use} in use, {waiting} waiting \u2014 a leak or a slow "
+        f"database, not a network problem (pool_size {size} + max_overflow {overflow}, "
+        f"max_waiters {r.max_waiters}: {cause})."
+    )
+    stats = (
+        ("pool_size", size),
+        ("max_overflow", overflow),
+        ("in_use", in_use),
+        ("waiting", waiting),
+        ("max_waiters", r.max_waiters),
+        ("checkout_timeout", r.policy.timeouts.checkout),
+    )
+    ctx = r.record_error(c, r.context(c, phase="checkout", diagnosis=diagnosis, extra=stats))
+    return PoolExhaustedError(f"{diagnosis} [engine '{r.name}']", ctx)
+
+
+def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
+    """The rare checkout path: a half-open probe, a caller that waited, an idle connection.
+
+    A caller that waited while the breaker opened is rejected like any other;
+    an idle connection (and any pooled connection handed to a probe) is pinged
+    within the call deadline and, if dead, replaced (or the checkout rejected
+    when that failure opened the breaker). A record SQLAlchemy will reconnect
+    anyway (invalidated, or older than a pool invalidation) is not pinged. A
+    probe's token is kept in ``r.probes`` until check-in.
+    """
+    b = r.breaker
+    try:
+        if waited and not probe and b is not None and b.state is not CLOSED:
+            probe = b.before_call()
+        idle = r.ping_after_idle
+        since = rec.info.get(IDLE_SINCE)
+        stale = idle is not None and since is not None and r.clock() - since > idle
+        # a probe's verdict must come from the database, not from an idle pooled socket
+        if (stale or probe) and not _compat.is_invalidated(rec) and not _ping(r, pool, rec):
+            rec.invalidate()
+            if r.telemetry is not None:
+                r.telemetry.validation_failed("idle_ping")
+            if b is not None and b.state is not CLOSED:
+                b.release(probe)
+                probe = 0
+                probe = b.before_call()
+        if probe:
+            r.probes[rec] = probe
+    except Rejected as rej:
+        rec.info[FAILED] = True  # handed back unused: no verdict
+        _compat.checkin_unused(rec)
+        raise circuit_open(r, rej) from None
+    except BaseException as e:
+        if b is not None:
+            b.release(probe)
+        _compat.checkin_failed(rec, e)
+        raise
+    return rec
+
+
+def _ping(r: Resilience, pool: Pool, record: Any) -> bool:
+    """Ping an idle pooled connection within the call deadline; False if it is dead.
+
+    A ping that finds the socket closed by the server does not count for the
+    breaker: it invalidates the pool's connections as old as this one (a server
+    restart closed them all), and the reconnect that follows counts if the
+    database is really down. A ping into silence counts.
+    """
+    dbapi = record.dbapi_connection
+    slot: Slot | None = record.info.get(SLOT)
+    call = r.policy.timeouts.call
+    if slot is not None and call is not None:
+        slot.deadline = time.monotonic() + min(call, r.policy.timeouts.connect or call)
+    try:
+        _compat.pool_dialect(pool).do_ping(dbapi)
+    except EXITS:
+        raise
+    except BaseException as e:
+        fired = slot is not None and slot.fired
+        c = classify(TimeoutError() if fired else e, phase="execute", target=r.target)
+        if c.kind in _GONE:
+            _compat.invalidate_older(pool, record)  # as SQLAlchemy's pre-ping does
+        elif r.breaker is not None and c.counts_for_breaker:
+            r.breaker.record_failure(c.diagnosis)
+        return False
+    finally:
+        if slot is not None:
+            slot.deadline = 0.0
+            slot.fired = False
+    return True
+
+
+def _idle_too_long(r: Resilience, rec: Any) -> bool:
+    idle = r.ping_after_idle
+    if idle is None:
+        return False
+    since = rec.info.get(IDLE_SINCE)
+    return since is not None and r.clock() - since > idle
+
+
+def _checkout(self: Any) -> Any:
+    # Hot path, every checkout: breaker closed, no timings, no need to wait.
+    r: Resilience = self._rdb
+    b = r.breaker
+    if (
+        (b is None or b.state is CLOSED)
+        and r.timing is None
+        and (r.max_waiters is None or _compat.queue_pool_can_grow(self))
+    ):
+        try:
+            rec = _compat.pool_do_get(self._rdb_base, self)
+        except sa_exc.TimeoutError:
+            raise pool_exhausted(r, self, r.waiting, "checkout timed out") from None
+        if r.ping_after_idle is not None and _idle_too_long(r, rec):
+            rec = _vet(r, self, rec, 0, False)
+        return rec
+    return _checkout_guarded(self)
+
+
+def _checkout_guarded(self: Any) -> Any:
+    r: Resilience = self._rdb
+    timing = r.timing
+    t0 = time.perf_counter() if timing is not None else 0.0
+    b = r.breaker
+    probe = 0
+    if b is not None and b.state is not CLOSED:
+        try:
+            probe = b.before_call()
+        except Rejected as rej:
+            raise circuit_open(r, rej) from None
+    limit = r.max_waiters
+    counted = False
+    if limit is not None and _compat.no_free_connection(self):
+        with r.wait_lock:
+            waiting = r.waiting
+            if waiting < limit:
+                r.waiting += 1
+                counted = True
+        if not counted:
+            if b is not None:
+                b.release(probe)
+            raise pool_exhausted(r, self, waiting, "too many callers waiting")
+    try:
+        rec = _compat.pool_do_get(self._rdb_base, self)
+    except sa_exc.TimeoutError:
+        if b is not None:
+            b.release(probe)
+        raise pool_exhausted(r, self, r.waiting, "checkout timed out") from None
+    except BaseException:
+        if b is not None:
+            b.release(probe)
+        raise
+    finally:
+        if counted:
+            with r.wait_lock:
+                r.waiting -= 1
+    if probe or counted or _idle_too_long(r, rec):
+        rec = _vet(r, self, rec, probe, counted)
+    if timing is not None:
+        timing.checked_out(rec, t0)
+    return rec
+
+
+def _checkin(self: Any, record: Any) -> None:
+    r: Resilience = self._rdb
+    if r.timing is not None:
+        r.timing.checked_in(record)
+    b = r.breaker
+    info = record.info
+    if r.watch:
+        slot = info.get(SLOT)
+        if slot is not None and slot.shot:
+            # its socket was shut down after its call returned: never hand it out again
+            info[FAILED] = True
+            record.invalidate(soft=True)  # reconnected at its next checkout
+    # an empty info (SQLite) carries no mark: skip the pops; a server connection's
+    # info always holds its watchdog slot or idle time, so there they run every time
+    if b is not None and (info or r.probes or not b.quiet):
+        probe = r.probes.pop(record, 0) if r.probes else 0
+        if info.pop(FAILED, False) or record.dbapi_connection is None:
+            b.release(probe)
+        elif probe or not b.quiet:
+            b.record_success(probe)
+    if r.ping_after_idle is not None:
+        info[IDLE_SINCE] = r.clock()
+    _compat.pool_do_return(self._rdb_base, self, record)
+
+
+def install_pool(pool: Pool, r: Resilience) -> None:
+    """Make ``pool`` admit checkouts through ``r``'s breaker, bulkhead and idle ping."""
+    _compat.reclass_pool(pool, "Resilient", {"_rdb": r}, checkout=_checkout, checkin=_checkin)

@@ -1,0 +1,65 @@
+"""Attach one engine's resilience to a real SQLAlchemy engine, in a fixed order.
+
+All through SQLAlchemy's own extension points:
+
+1. the pool admits checkouts through the breaker and the bulkhead (:mod:`._admission`);
+2. ``do_connect`` runs the connect sequence (:mod:`._connect`) and gives a new
+   connection its watchdog slot (:mod:`._deadline`);
+3. ``handle_error`` classifies every error once (:mod:`._handle_error`);
+4. telemetry subscribes (:mod:`.telemetry`);
+5. ``connect`` listeners set MariaDB's session timeout, then end the set-up deadline;
+6. the dialect's driver calls run under the call deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from ._admission import install_pool
+from ._connect import connect, mariadb_session
+from ._deadline import (
+    SETTING_UP,
+    guard_calls,
+    guard_server_side_cursors,
+    on_connect,
+    watch_connection,
+)
+from ._handle_error import handle_error
+from ._state import Resilience
+from .telemetry import attach as attach_telemetry
+
+__all__ = ["install"]
+
+
+def install(engine: Engine, r: Resilience) -> None:
+    """Attach ``r`` to ``engine``: pool admission, event listeners, call deadline."""
+    install_pool(engine.pool, r)
+
+    def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
+        SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
+        tel = r.telemetry  # a span and timing around the whole connect sequence
+        if tel is None:
+            conn = connect(r, d, ca, cp, rec)
+        else:
+            conn = tel.connect(lambda d_, ca_, cp_: connect(r, d_, ca_, cp_, rec), d, ca, cp)
+        if r.watch:  # before the pool's connect listeners: they run the set-up queries
+            watch_connection(r, conn, rec)
+        return conn
+
+    event.listen(engine, "do_connect", do_connect)
+    event.listen(engine, "handle_error", handle_error(r))
+    attach_telemetry(engine, r)  # metrics, spans and logs (no-ops until an SDK is set)
+    if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:
+        # after SQLAlchemy's first-connect listener, which sets dialect.is_mariadb
+        event.listen(engine, "connect", mariadb_session(r))
+    call = r.policy.timeouts.call
+    if r.watch and call is not None:
+        # the last connect listener: it disarms the set-up deadline do_connect armed
+        event.listen(engine, "connect", on_connect(r))
+        if engine.dialect.supports_server_side_cursors:
+            guard_server_side_cursors(engine.dialect, call)
+    if r.watch or r.slow_call is not None:
+        guard_calls(engine.dialect, r)

@@ -1,0 +1,227 @@
+"""Every private SQLAlchemy name resilient_db relies on, in one place.
+
+Drop-in behaviour sometimes needs SQLAlchemy's internals: the pool's
+``_do_get`` / ``_do_return_conn`` (the only points where every checkout and
+check-in pass, whatever the pool class), a pool record's check-in variants, the
+pool's invalidation time, the execution context's DBAPI connection. Each name
+used is listed in :data:`PRIVATE_NAMES` and reached only through a function of
+this module; ``tests/test_compat.py`` checks every one against the installed
+SQLAlchemy, so an upgrade that renames one fails loudly there instead of
+misbehaving at run time. CI runs the suite on the oldest supported 2.0.x and
+on the newest SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.util import await_only, greenlet_spawn
+
+__all__ = [
+    "PRIVATE_NAMES",
+    "base_pool_class",
+    "checkin_failed",
+    "checkin_unused",
+    "commit_or_rollback_in",
+    "context_record_info",
+    "invalidate_older",
+    "is_invalidated",
+    "max_overflow",
+    "no_free_connection",
+    "pool_dialect",
+    "pool_do_get",
+    "pool_do_return",
+    "proxied_engine",
+    "queue_pool_can_grow",
+    "queue_pool_limits",
+    "reclass_pool",
+    "record_info_of",
+    "run_awaitable",
+    "spawn",
+]
+
+#: (owner, name) of every private SQLAlchemy attribute used; tests check each exists.
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("sqlalchemy.pool.Pool", "_do_get"),
+    ("sqlalchemy.pool.Pool", "_do_return_conn"),
+    ("sqlalchemy.pool.Pool", "_dialect"),  # instance attribute
+    ("sqlalchemy.pool.Pool", "_invalidate_time"),  # instance attribute
+    ("sqlalchemy.pool.QueuePool", "_overflow"),  # instance attribute
+    ("sqlalchemy.pool.QueuePool", "_max_overflow"),  # instance attribute
+    ("sqlalchemy.pool.QueuePool", "_pool"),  # instance attribute: the idle-connection queue
+    ("sqlalchemy.pool.base._ConnectionRecord", "_is_hard_or_soft_invalidated"),
+    ("sqlalchemy.pool.base._ConnectionRecord", "_checkin_failed"),
+    ("sqlalchemy.pool.base._ConnectionRecord", "checkin(_fairy_was_created=)"),
+    ("sqlalchemy.pool.base._ConnectionFairy", "_connection_record"),
+    ("sqlalchemy.engine.Connection", "_dbapi_connection"),
+    ("sqlalchemy.engine.default.DefaultExecutionContext", "_dbapi_connection"),
+    ("sqlalchemy.engine.Engine", "_proxied"),  # OptionEngine (Engine.execution_options())
+    ("sqlalchemy.engine.Connection", "_commit_impl"),  # frame name
+    ("sqlalchemy.engine.Connection", "_rollback_impl"),  # frame name
+    ("sqlalchemy.util", "await_only"),
+    ("sqlalchemy.util", "greenlet_spawn"),
+)
+
+_COMMIT_FRAMES = frozenset({"_commit_impl", "do_commit", "commit"})
+_ROLLBACK_FRAMES = frozenset({"_rollback_impl", "do_rollback", "rollback"})
+
+
+# -- the pool ------------------------------------------------------------------------
+
+
+def reclass_pool(
+    pool: Pool,
+    name: str,
+    attrs: dict[str, Any],
+    *,
+    checkout: Callable[[Any], Any],
+    checkin: Callable[[Any, Any], None],
+) -> type[Pool]:
+    """Make ``pool`` an instance of a new subclass of its own class.
+
+    ``checkout(pool)`` replaces the class's ``_do_get`` and ``checkin(pool,
+    record)`` its ``_do_return_conn``, the two methods every checkout and
+    check-in pass through whatever the pool class; ``attrs`` are added as
+    class attributes. The original class is kept as ``_rdb_base``: call it
+    with :func:`pool_do_get` / :func:`pool_do_return`. A pool re-classed
+    before is re-classed from its original class. (CPython refuses to change
+    an existing object's ``__class__`` to a class with an extra base, so the
+    methods are set on a direct subclass.)
+    """
+    base = base_pool_class(pool)
+    ns = {"_rdb_base": base, **attrs, "_do_get": checkout, "_do_return_conn": checkin}
+    cls = type(f"{name}{base.__name__}", (base,), ns)
+    pool.__class__ = cls
+    return base
+
+
+def base_pool_class(pool: Pool) -> type[Pool]:
+    """The pool's class before resilient_db re-classed it."""
+    cls = type(pool)
+    base: type[Pool] = getattr(cls, "_rdb_base", cls)
+    return base
+
+
+def pool_do_get(base: type[Pool], pool: Pool) -> Any:
+    """The original class's checkout: a pool record (waits up to the pool timeout)."""
+    return base._do_get(pool)
+
+
+def pool_do_return(base: type[Pool], pool: Pool, record: Any) -> None:
+    """The original class's check-in of ``record``."""
+    base._do_return_conn(pool, record)
+
+
+def queue_pool_can_grow(pool: Any) -> bool:
+    """True when a QueuePool may still open a connection beyond its idle ones."""
+    return bool(pool._overflow < pool._max_overflow)
+
+
+def no_free_connection(pool: Any) -> bool:
+    """True when a QueuePool has no idle connection and may not open another."""
+    if not isinstance(pool, QueuePool):
+        return False
+    return bool(pool._pool.qsize() == 0 and pool._overflow >= pool._max_overflow >= 0)
+
+
+def queue_pool_limits(pool: Any) -> tuple[int, int] | None:
+    """``(pool_size, max_overflow)`` of a QueuePool (max_overflow -1: unlimited), else None."""
+    if not isinstance(pool, QueuePool):
+        return None
+    return int(pool.size()), int(pool._max_overflow)
+
+
+def max_overflow(pool: Any) -> int:
+    """A QueuePool's ``max_overflow`` (-1: unlimited; 0 for other pools)."""
+    return int(getattr(pool, "_max_overflow", 0))
+
+
+def pool_dialect(pool: Pool) -> Any:
+    """The dialect a pool pings its connections with."""
+    return pool._dialect
+
+
+def invalidate_older(pool: Pool, record: Any) -> None:
+    """Invalidate every pooled connection as old as ``record``'s, as pre-ping does."""
+    if pool._invalidate_time < record.starttime:
+        pool._invalidate_time = time.time()
+
+
+# -- pool records ----------------------------------------------------------------------
+
+
+def is_invalidated(record: Any) -> bool:
+    """True when SQLAlchemy will reconnect this record at checkout anyway."""
+    return bool(record._is_hard_or_soft_invalidated())
+
+
+def checkin_unused(record: Any) -> None:
+    """Give a record back from inside ``_do_get``: no fairy was made for it."""
+    record.checkin(_fairy_was_created=False)
+
+
+def checkin_failed(record: Any, error: BaseException) -> None:
+    """A record's checkout failed inside ``_do_get``: discard its connection."""
+    record._checkin_failed(error, _fairy_was_created=False)
+
+
+def record_info_of(conn: Any) -> dict[str, Any] | None:
+    """The pool record's ``info`` of a Connection, a pooled or an ad-hoc DBAPI connection.
+
+    The first connection's ``dialect.initialize()`` runs on an ad-hoc proxy of
+    the record, which has no ``info`` of its own.
+    """
+    try:
+        info = conn.info  # Connection / pooled connection: the record's info dict
+    except Exception:
+        info = None
+    if isinstance(info, dict):
+        return info
+    record = getattr(getattr(conn, "_dbapi_connection", None), "_connection_record", None)
+    info = getattr(record, "info", None)
+    return info if isinstance(info, dict) else None
+
+
+def context_record_info(context: Any) -> dict[str, Any] | None:
+    """The pool record's ``info`` of an execution context (None if there is none)."""
+    try:
+        info = context._dbapi_connection.info
+    except Exception:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+# -- engines and calls -------------------------------------------------------------------
+
+
+def proxied_engine(engine: Engine) -> Engine | None:
+    """The engine an ``Engine.execution_options()`` copy proxies, or None."""
+    proxied = getattr(engine, "_proxied", None)
+    return proxied if isinstance(proxied, Engine) else None
+
+
+def commit_or_rollback_in(tb: TracebackType | None) -> str | None:
+    """``"commit"`` / ``"rollback"`` when the traceback passed SQLAlchemy's COMMIT/ROLLBACK."""
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_name
+        if name in _COMMIT_FRAMES:
+            return "commit"
+        if name in _ROLLBACK_FRAMES:
+            return "rollback"
+        tb = tb.tb_next
+    return None
+
+
+def run_awaitable(awaitable: Any) -> Any:
+    """Await ``awaitable`` from sync code running in SQLAlchemy's greenlet."""
+    return await_only(awaitable)
+
+
+def spawn(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run sync ``fn`` in a greenlet so it may use async drivers (an awaitable)."""
+    return greenlet_spawn(fn, *args)

@@ -1,0 +1,148 @@
+"""The connect sequence: one attempt, the retries that are safe, the session set-up.
+
+:func:`connect` is what the engine's ``do_connect`` listener runs for every new
+DBAPI connection: injected faults first (:class:`resilient_db.testing.FaultInjector`),
+then the host (chosen by failover for a multi-host engine), then, after a
+failure, the retry loop with backoff for failures classified as safe to retry
+at connect, while the breaker stays closed. The final failure carries its
+:class:`~resilient_db.ErrorContext` and is counted by the breaker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+from . import _backoff, _compat
+from ._state import EXITS, Resilience
+from .breaker import CLOSED
+from .classify import RetryLevel, Target, classify
+from .errors import attach
+
+__all__ = ["connect", "mariadb_session", "open_connection"]
+
+
+def connect(r: Resilience, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
+    """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record)."""
+    start = r.clock()
+    try:
+        return _connect_once(r, dialect, cargs, cparams, rec)
+    except EXITS:
+        raise
+    except BaseException as e:
+        error = e
+    # outside the except block, so a later attempt's error is not chained to this one
+    return _connect_retrying(r, dialect, cargs, cparams, error, start, rec)
+
+
+def _connect_once(r: Resilience, dialect: Any, cargs: Any, cparams: Any, rec: Any) -> Any:
+    """One connect attempt: injected faults first, then the (failover-chosen) host."""
+    r.connect_attempts += 1
+    for fault in r.connect_faults:
+        fault()
+    if r.failover is not None:  # a multi-host engine picks the host (failover.py)
+        return r.failover.connect(dialect, cargs, cparams, opener(r), rec)
+    return open_connection(r, dialect, cargs, cparams)
+
+
+def opener(r: Resilience) -> Callable[[Any, Any, Any], Any]:
+    """:func:`open_connection` for ``r``, as failover's per-host connect calls it."""
+
+    def open_(dialect: Any, cargs: Any, cparams: Any) -> Any:
+        return open_connection(r, dialect, cargs, cparams)
+
+    return open_
+
+
+def open_connection(r: Resilience, dialect: Any, cargs: Any, cparams: Any) -> Any:
+    """The driver's connect, with PyMySQL's greeting bounded by the connect timeout."""
+    handshake = cparams.get("connect_timeout") if r.pymysql else None
+    read = cparams.get("read_timeout")
+    if not handshake or (read is not None and read <= handshake):
+        return dialect.connect(*cargs, **cparams)
+    # PyMySQL reads the server greeting with read_timeout, not connect_timeout:
+    # bound the handshake by the connect timeout, then restore the call deadline
+    conn = dialect.connect(*cargs, **{**cparams, "read_timeout": handshake})
+    conn._read_timeout = read
+    return conn
+
+
+def _connect_retrying(
+    r: Resilience,
+    dialect: Any,
+    cargs: Any,
+    cparams: Any,
+    error: BaseException,
+    start: float,
+    rec: Any,
+) -> Any:
+    """The retry loop, entered only after a first attempt failed."""
+    policy = r.policy.retry
+    history: list[str] = []
+    attempt = 1
+    while True:
+        # a multi-host engine's attempt names the host it tried (failover.TARGET_ATTR)
+        tried = getattr(error, "resilient_db_target", None)
+        t = tried if isinstance(tried, Target) else r.target
+        c = classify(error, phase="connect", target=t)
+        history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
+        b = r.breaker
+        if b is not None and c.counts_for_breaker:
+            b.record_failure(c.diagnosis)
+        elapsed = r.clock() - start
+        pause = _backoff.backoff(policy, attempt)
+        if (
+            c.retry is RetryLevel.CONNECT
+            and attempt < policy.attempts
+            and elapsed + pause < policy.deadline
+            and (b is None or b.state is CLOSED)
+        ):
+            if r.telemetry is not None:
+                r.telemetry.connect_retry(c, attempt, pause)
+            _sleep(r, pause)
+            attempt += 1
+            try:
+                return _connect_once(r, dialect, cargs, cparams, rec)
+            except EXITS:
+                raise
+            except BaseException as e:
+                error = e
+            continue
+        ctx = r.context(
+            c, phase="connect", attempt=attempt, elapsed=elapsed, history=tuple(history), target=t
+        )
+        r.record_error(c, ctx)
+        attach(error, ctx)
+        if isinstance(error, (dialect.loaded_dbapi.Error, sa_exc.SQLAlchemyError)) or not (
+            isinstance(error, Exception)
+        ):
+            raise error
+        # bare socket errors (asyncpg) become the SQLAlchemy error users catch
+        wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
+        attach(wrapped, ctx)
+        raise wrapped from error
+
+
+def _sleep(r: Resilience, seconds: float) -> None:
+    if r.is_async:
+        _compat.run_awaitable(_backoff.async_sleep(seconds))
+    else:
+        _backoff.sleep(seconds)
+
+
+def mariadb_session(r: Resilience) -> Callable[[Any, Any], None]:
+    """Pool ``connect`` listener: MariaDB's server-side statement timeout."""
+
+    def listener(dbapi_connection: Any, record: Any) -> None:
+        statement = r.policy.timeouts.statement
+        if statement is None or not getattr(r.dialect, "is_mariadb", False):
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SET SESSION max_statement_time = {float(statement):g}")
+        finally:
+            cursor.close()
+
+    return listener

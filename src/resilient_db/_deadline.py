@@ -1,0 +1,283 @@
+"""The per-call deadline: watchdog slots, guarded driver calls, server-side cursors.
+
+A connection of a watched driver (:data:`~resilient_db._watchdog.WATCHED_DRIVERS`)
+gets a :class:`~resilient_db._watchdog.Slot` as soon as it is open; its set-up
+runs under one ``Timeouts.call`` deadline, and afterwards each driver call
+(execute, commit, rollback, each fetch of a server-side cursor) arms the slot
+for ``Timeouts.call`` seconds. The same wrapper times calls against the
+breaker's slow-call threshold.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _compat
+from ._state import Resilience
+from ._watchdog import WATCHDOG, Slot, socket_fileno
+
+__all__ = [
+    "SETTING_UP",
+    "guard_calls",
+    "guard_server_side_cursors",
+    "on_connect",
+    "slot_of",
+    "watch_connection",
+]
+
+SLOT = "resilient_db.slot"  # the key of a record's watchdog slot in its info dict
+
+# The slot of the connection whose set-up (the pool's connect listeners) runs in this
+# context (thread, or asyncio task: SQLAlchemy's greenlets share the task's context).
+# A set-up error is raised with no Connection to find the slot through.
+SETTING_UP: contextvars.ContextVar[Slot | None] = contextvars.ContextVar(
+    "resilient_db_setting_up", default=None
+)
+
+
+def watch_connection(r: Resilience, dbapi_connection: Any, record: Any) -> None:
+    """A watchdog slot for a new DBAPI connection, armed for its set-up.
+
+    Called as soon as the connection is open, before the pool's ``connect``
+    event listeners run: SQLAlchemy's dialect set-up (asyncpg's type-codec
+    queries, the first connection's ``initialize()``) and resilient_db's own
+    ``SET SESSION`` then run under one ``Timeouts.call`` deadline, which
+    :func:`on_connect`, the last ``connect`` listener, disarms. An asyncpg
+    connection given its own ``command_timeout`` gets no slot: asyncpg
+    bounds every call of it already, and the caller's setting wins.
+    """
+    if not r.watch or record is None or SLOT in record.info:
+        return
+    SETTING_UP.set(None)
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if _bounds_own_calls(driver):
+        return
+    try:
+        ref: Callable[[], Any] = weakref.ref(driver)
+    except TypeError:  # not weak-referenceable: keep it alive with its record
+
+        def ref() -> Any:
+            return driver
+
+    def fd() -> int | None:
+        conn = ref()
+        return None if conn is None else socket_fileno(conn)
+
+    slot = WATCHDOG.slot(fd)
+    slot.deadline = time.monotonic() + r.policy.timeouts.call  # type: ignore[operator]
+    record.info[SLOT] = slot
+    SETTING_UP.set(slot)
+
+
+def on_connect(r: Resilience) -> Callable[[Any, Any], None]:
+    """The pool ``connect`` listener, the last one: the connection's set-up is done.
+
+    It disarms the slot :func:`watch_connection` armed (and makes one for a
+    connection that did not come through ``do_connect``).
+    """
+
+    def listener(dbapi_connection: Any, record: Any) -> None:
+        slot = record.info.get(SLOT)
+        if slot is None:
+            watch_connection(r, dbapi_connection, record)
+            slot = record.info.get(SLOT)
+        if slot is not None:
+            slot.disarm(0.0)  # shot during the set-up: its first call fails as read_timeout
+        SETTING_UP.set(None)
+
+    return listener
+
+
+def _bounds_own_calls(driver: Any) -> bool:
+    """True for an asyncpg connection with a ``command_timeout`` of its own."""
+    asyncpg = sys.modules.get("asyncpg")  # loaded, if this is an asyncpg connection
+    if asyncpg is None or not isinstance(driver, asyncpg.Connection):
+        return False  # a connection_class= subclass is an asyncpg.Connection too
+    config = getattr(driver, "_config", None)
+    return getattr(config, "command_timeout", None) is not None
+
+
+def slot_of(conn: Any) -> Slot | None:
+    """The watchdog slot of a Connection, pooled or ad-hoc DBAPI connection."""
+    info = _compat.record_info_of(conn)
+    slot = info.get(SLOT) if info is not None else None
+    return slot if isinstance(slot, Slot) else None
+
+
+def slow(r: Resilience, info: dict[str, Any]) -> None:
+    """A call outlived the slow-call threshold: count it and spoil the checkout."""
+    info["resilient_db.failed"] = True
+    if r.breaker is not None:
+        r.breaker.record_failure(
+            f"A call to {r.target.where} took longer than the slow-call threshold "
+            f"({r.slow_call}s): the database is overloaded or the network is slow."
+        )
+
+
+def guard_calls(dialect: Any, r: Resilience) -> None:
+    """Put every driver call of this engine under the per-call deadline and slow-call clock.
+
+    Wraps this engine's own dialect instance only: ``do_execute``,
+    ``do_executemany`` and ``do_execute_no_params`` (the execution context comes
+    last), and ``do_commit`` / ``do_rollback``, which are not cursor executes
+    (psycopg would block for ever on a COMMIT sent into a silent network).
+    Wrapping the dialect costs one Python call per statement; cursor-execute
+    event listeners would make SQLAlchemy join listener collections for every
+    Connection, several microseconds per request.
+    """
+    call = r.policy.timeouts.call if r.watch else None
+    slow_call = r.slow_call
+    clock = r.clock
+
+    def guard(
+        original: Callable[..., Any], info_of: Callable[..., Any], rollback: bool = False
+    ) -> Callable[..., Any]:
+        def guarded(*args: Any) -> Any:
+            # the record's info up front only for the watchdog slot; a slow call reads it after
+            info = info_of(args) if call is not None else None
+            slot = info.get(SLOT) if info else None
+            if rollback and slot is not None and slot.shot:
+                # its socket is shut down: the server rolled back when it saw the connection
+                # close, and the pool replaces this connection at checkin
+                return None
+            # a deadline around this call (a connection's set-up) bounds it too, restored after
+            outer = slot.arm(call) if slot is not None else 0.0
+            t0 = clock() if slow_call is not None else 0.0
+            try:
+                result = original(*args)
+            finally:
+                if slot is not None:
+                    slot.disarm(outer)
+            if slot is not None:
+                slot.returned()
+            if slow_call is not None and clock() - t0 > slow_call:
+                info = info if info is not None else info_of(args)
+                if info is not None:
+                    slow(r, info)
+            return result
+
+        return guarded
+
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, guard(getattr(dialect, name), _context_info))
+    dialect.do_commit = guard(dialect.do_commit, _connection_info)
+    dialect.do_rollback = guard(dialect.do_rollback, _connection_info, rollback=True)
+
+
+def _context_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The pool record's info dict, from an execute call's execution context."""
+    return _compat.context_record_info(args[-1])
+
+
+def _connection_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The pool record's info dict, from a commit/rollback call's pooled connection."""
+    try:
+        info = args[0].info
+    except Exception:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+class _DeadlineCursor:
+    """A server-side cursor whose fetches and close run under the per-call deadline.
+
+    Each ``fetchone`` / ``fetchmany`` / ``fetchall`` of a server-side cursor
+    (``stream()``, ``stream_results=True``, ``yield_per``) is a network round
+    trip of its own, after the ``execute`` that opened the cursor; ``close``
+    is one too (psycopg sends ``CLOSE``, aiomysql drains the unread rows).
+    Everything else, attribute writes included, goes to the real cursor.
+    """
+
+    __slots__ = ("_rdb_call", "_rdb_cursor", "_rdb_slot")
+
+    def __init__(self, cursor: Any, slot: Slot, call: float) -> None:
+        object.__setattr__(self, "_rdb_cursor", cursor)
+        object.__setattr__(self, "_rdb_slot", slot)
+        object.__setattr__(self, "_rdb_call", call)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rdb_cursor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._rdb_cursor, name, value)
+
+    def _within(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        slot = self._rdb_slot
+        outer = slot.arm(self._rdb_call)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            slot.disarm(outer)
+        slot.returned()
+        return result
+
+    def fetchone(self) -> Any:
+        return self._within(self._rdb_cursor.fetchone)
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        return self._within(self._rdb_cursor.fetchmany, *args, **kwargs)
+
+    def fetchall(self) -> Any:
+        return self._within(self._rdb_cursor.fetchall)
+
+    def close(self) -> Any:
+        slot = self._rdb_slot
+        outer = slot.arm(self._rdb_call)
+        try:
+            return self._rdb_cursor.close()
+        finally:
+            slot.disarm(outer)
+            # SQLAlchemy swallows a failed close, so no handle_error reads `fired`: the
+            # connection is marked shot now and its next call fails as read_timeout
+            slot.returned()
+
+    def scroll(self, *args: Any, **kwargs: Any) -> Any:
+        return self._within(self._rdb_cursor.scroll, *args, **kwargs)
+
+    def __next__(self) -> Any:
+        return self._within(next, self._rdb_cursor)
+
+    def __enter__(self) -> _DeadlineCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        rows = iter(self._rdb_cursor)
+        while True:
+            try:
+                row = self._within(next, rows)
+            except StopIteration:
+                return
+            yield row
+
+
+def guard_server_side_cursors(dialect: Any, call: float) -> None:
+    """Put the fetches of this engine's server-side cursors under the per-call deadline.
+
+    The dialect instance gets a subclass of its execution context class whose
+    ``create_server_side_cursor()`` wraps the cursor in a :class:`_DeadlineCursor`
+    when the connection has a watchdog slot. Ordinary (buffered) queries read
+    all their rows within the guarded execute and never reach this code.
+    """
+    base = dialect.execution_ctx_cls
+    if getattr(base, "_rdb_guarded", False):
+        return
+
+    def create_server_side_cursor(self: Any) -> Any:
+        cursor = base.create_server_side_cursor(self)
+        info = _compat.context_record_info(self)
+        slot = info.get(SLOT) if info is not None else None
+        return cursor if slot is None else _DeadlineCursor(cursor, slot, call)
+
+    dialect.execution_ctx_cls = type(
+        f"Resilient{base.__name__}",
+        (base,),
+        {"create_server_side_cursor": create_server_side_cursor, "_rdb_guarded": True},
+    )

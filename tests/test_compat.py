@@ -1,0 +1,161 @@
+"""The one seam to SQLAlchemy's internals: every private name still means what we use it for."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import QueuePool
+
+from resilient_db import _compat
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "resilient_db"
+
+# instance attributes: checked on a live pool / record / context below
+_INSTANCE = {
+    ("sqlalchemy.pool.Pool", "_dialect"),
+    ("sqlalchemy.pool.Pool", "_invalidate_time"),
+    ("sqlalchemy.pool.QueuePool", "_overflow"),
+    ("sqlalchemy.pool.QueuePool", "_max_overflow"),
+    ("sqlalchemy.pool.QueuePool", "_pool"),
+    ("sqlalchemy.pool.base._ConnectionFairy", "_connection_record"),
+    ("sqlalchemy.engine.Connection", "_dbapi_connection"),
+    ("sqlalchemy.engine.default.DefaultExecutionContext", "_dbapi_connection"),
+    ("sqlalchemy.engine.Engine", "_proxied"),
+}
+
+
+def _owner(path: str) -> object:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return importlib.import_module(path)
+
+
+@pytest.mark.parametrize(
+    "owner,name",
+    [n for n in _compat.PRIVATE_NAMES if n not in _INSTANCE],
+    ids="{0[0]}.{0[1]}".format,
+)
+def test_private_name_exists(owner: str, name: str) -> None:
+    """Each private SQLAlchemy name the compat module lists exists in this SQLAlchemy."""
+    obj = _owner(owner)
+    if name.endswith("=)"):  # a keyword argument of a method
+        method, _, kw = name[:-2].partition("(")
+        params = inspect.signature(getattr(obj, method)).parameters
+        assert kw in params, f"{owner}.{method}() lost its {kw}= argument"
+    else:
+        assert hasattr(obj, name), f"SQLAlchemy {sa.__version__}: {owner}.{name} is gone"
+
+
+def test_every_instance_name_is_listed() -> None:
+    """The instance attributes checked below are all listed in PRIVATE_NAMES."""
+    assert _INSTANCE <= set(_compat.PRIVATE_NAMES)
+
+
+def test_instance_attributes_on_live_objects() -> None:
+    """The pool, record, fairy, connection and context attributes exist on real objects."""
+    engine = sa.create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=2)
+    pool = engine.pool
+    assert isinstance(pool._invalidate_time, (int, float))
+    assert pool._dialect is engine.dialect
+    assert (0, 2) == (pool._overflow + pool.size(), pool._max_overflow)
+    assert 0 == pool._pool.qsize()
+    seen: list[object] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def grab(conn, cursor, statement, params, context, many):  # type: ignore[no-untyped-def]
+        seen.append(context._dbapi_connection)
+
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        fairy = conn._dbapi_connection
+        assert fairy is seen[0]
+        assert fairy._connection_record.info is conn.info
+    copy = engine.execution_options(isolation_level="AUTOCOMMIT")
+    assert engine is copy._proxied
+    engine.dispose()
+
+
+def test_pool_functions_against_a_real_queue_pool() -> None:
+    """reclass_pool, pool_do_get/return, can_grow and no_free_connection on a QueuePool."""
+    engine = sa.create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0)
+    got: list[str] = []
+
+    def do_get(self):  # type: ignore[no-untyped-def]
+        got.append("get")
+        return _compat.pool_do_get(self._rdb_base, self)
+
+    def do_return(self, record):  # type: ignore[no-untyped-def]
+        got.append("return")
+        _compat.pool_do_return(self._rdb_base, self, record)
+
+    base = _compat.reclass_pool(engine.pool, "Test", {}, checkout=do_get, checkin=do_return)
+    assert (QueuePool, QueuePool) == (base, _compat.base_pool_class(engine.pool))
+    assert "TestQueuePool" == type(engine.pool).__name__
+    with engine.connect() as conn:
+        assert (False, True) == (
+            _compat.queue_pool_can_grow(engine.pool),
+            _compat.no_free_connection(engine.pool),
+        )
+        info = _compat.record_info_of(conn)
+        assert info is conn.info
+    assert ["get", "return"] == got
+    assert _compat.no_free_connection(engine.pool) is False
+    engine.dispose()
+
+
+def test_record_functions_against_a_real_record() -> None:
+    """is_invalidated, invalidate_older and checkin_failed on a real pool record."""
+    engine = sa.create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0)
+    pool = engine.pool
+    rec = _compat.pool_do_get(QueuePool, pool)
+    assert _compat.is_invalidated(rec) is False
+    _compat.invalidate_older(pool, rec)
+    assert pool._invalidate_time >= rec.starttime
+    _compat.checkin_failed(rec, RuntimeError("x"))
+    assert 0 == pool.checkedout()
+    rec2 = _compat.pool_do_get(QueuePool, pool)
+    _compat.checkin_unused(rec2)
+    assert 0 == pool.checkedout()
+    engine.dispose()
+
+
+def test_commit_frames_are_found() -> None:
+    """A failure inside COMMIT is read as phase commit from SQLAlchemy's frame names."""
+    engine = sa.create_engine("sqlite://")
+
+    @sa.event.listens_for(engine, "commit")
+    def fail(conn):  # type: ignore[no-untyped-def]
+        raise RuntimeError("commit failed")
+
+    with pytest.raises(RuntimeError) as info, engine.begin() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    assert "commit" == _compat.commit_or_rollback_in(info.value.__traceback__)
+    engine.dispose()
+
+
+def test_no_private_sqlalchemy_name_outside_compat() -> None:
+    """Only _compat.py touches the private names it lists."""
+    # a keyword argument is searched for by itself: checkin() is public, the keyword is not
+    names = {name[:-2].partition("(")[2] or name for _, name in _compat.PRIVATE_NAMES}
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        text = path.read_text()
+        for name in names:
+            if re.search(rf"[.\"' ]{re.escape(name)}\b", text):
+                offenders.append(f"{path.relative_to(SRC)}: {name}")
+    assert [] == offenders
+
+
+def test_sqlalchemy_version_is_supported() -> None:
+    """The installed SQLAlchemy is a 2.x the project says it supports."""
+    assert sa.__version__.startswith("2."), sys.version
