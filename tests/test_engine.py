@@ -115,7 +115,7 @@ def test_postgres_defaults_applied(pg_url: str, dispose: Callable[[sa.Engine], s
         assert "resilient-db" == conn.execute(sa.text("SHOW application_name")).scalar()
     assert 3 == driver_defaults(engine.url, policy)["connect_timeout"]
     assert engine.hide_parameters is True
-    assert 2.0 == engine.pool.timeout()  # type: ignore[attr-defined]
+    assert 3.0 == engine.pool.timeout()  # type: ignore[attr-defined]
 
 
 def test_mysql_defaults_applied(
@@ -124,7 +124,7 @@ def test_mysql_defaults_applied(
     """PyMySQL gets connect and read timeouts and pool_recycle below wait_timeout."""
     engine = dispose(resilient_db.create_engine(mariadb_url, validate="off"))
     args = driver_defaults(engine.url, resilient_db.DEFAULT_POLICY)
-    assert (5, 35) == (args["connect_timeout"], args["read_timeout"])
+    assert (2, 28) == (args["connect_timeout"], args["read_timeout"])
     assert 1800 == engine.pool._recycle  # type: ignore[attr-defined]
     with engine.connect() as conn:
         assert 1 == conn.execute(sa.text("SELECT 1")).scalar()

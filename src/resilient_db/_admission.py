@@ -95,7 +95,11 @@ def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
         since = rec.info.get(IDLE_SINCE)
         stale = idle is not None and since is not None and r.clock() - since > idle
         # a probe's verdict must come from the database, not from an idle pooled socket
-        if (stale or probe) and not _compat.is_invalidated(rec) and not _ping(r, pool, rec):
+        if (
+            (stale or probe)
+            and not _compat.is_invalidated(rec)
+            and not _ping(r, pool, rec, bool(probe))
+        ):
             rec.invalidate()
             if r.telemetry is not None:
                 r.telemetry.validation_failed("idle_ping")
@@ -117,19 +121,20 @@ def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
     return rec
 
 
-def _ping(r: Resilience, pool: Pool, record: Any) -> bool:
+def _ping(r: Resilience, pool: Pool, record: Any, probe: bool) -> bool:
     """Ping an idle pooled connection within the call deadline; False if it is dead.
 
-    A ping that finds the socket closed by the server does not count for the
-    breaker: it invalidates the pool's connections as old as this one (a server
-    restart closed them all), and the reconnect that follows counts if the
-    database is really down. A ping into silence counts.
+    A ping that finds the socket closed by the server invalidates the pool's
+    connections as old as this one (a server restart closed them all). An idle
+    connection lost is no evidence that the database cannot be reached: the
+    reconnect that follows counts if it is really down. A half-open probe's
+    ping into silence is such evidence, and counts.
     """
     dbapi = record.dbapi_connection
     slot: Slot | None = record.info.get(SLOT)
     call = r.policy.timeouts.call
     if slot is not None and call is not None:
-        slot.deadline = time.monotonic() + min(call, r.policy.timeouts.connect or call)
+        slot.arm(min(call, r.policy.timeouts.connect or call))
     try:
         _compat.pool_dialect(pool).do_ping(dbapi)
     except EXITS:
@@ -139,8 +144,10 @@ def _ping(r: Resilience, pool: Pool, record: Any) -> bool:
         c = classify(TimeoutError() if fired else e, phase="execute", target=r.target)
         if c.kind in _GONE:
             _compat.invalidate_older(pool, record)  # as SQLAlchemy's pre-ping does
-        elif r.breaker is not None and c.counts_for_breaker:
+        elif probe and r.breaker is not None:
             r.breaker.record_failure(c.diagnosis)
+        elif fired and r.monitor is not None:
+            r.monitor.suspect(time.monotonic())  # silence: ask the database directly
         return False
     finally:
         if slot is not None:
@@ -190,6 +197,14 @@ def _checkout_guarded(self: Any) -> Any:
     limit = r.max_waiters
     counted = False
     if limit is not None and _compat.no_free_connection(self):
+        m = r.monitor
+        if (m is not None and m.probing) or (b is not None and b.state is not CLOSED):
+            # no queueing into a database that may be gone: fail now, not after the wait
+            if b is not None:
+                b.release(probe)
+            raise pool_exhausted(
+                r, self, r.waiting, "the database is being probed or the breaker is not closed"
+            )
         with r.wait_lock:
             waiting = r.waiting
             if waiting < limit:
@@ -228,6 +243,8 @@ def _checkin(self: Any, record: Any) -> None:
     info = record.info
     if r.watch:
         slot = info.get(SLOT)
+        if slot is not None:
+            slot.own_call = -1.0  # a deadline raised for one checkout ends with it
         if slot is not None and slot.shot:
             # its socket was shut down after its call returned: never hand it out again
             info[FAILED] = True
@@ -247,4 +264,5 @@ def _checkin(self: Any, record: Any) -> None:
 
 def install_pool(pool: Pool, r: Resilience) -> None:
     """Make ``pool`` admit checkouts through ``r``'s breaker, bulkhead and idle ping."""
-    _compat.reclass_pool(pool, "Resilient", {"_rdb": r}, checkout=_checkout, checkin=_checkin)
+    attrs = {"_rdb": r, "__module__": __name__}
+    _compat.reclass_pool(pool, "Resilient", attrs, checkout=_checkout, checkin=_checkin)

@@ -22,12 +22,14 @@ from ._admission import install_pool
 from ._connect import connect, mariadb_session
 from ._deadline import (
     SETTING_UP,
+    call_timeout_option,
     guard_calls,
     guard_server_side_cursors,
     on_connect,
     watch_connection,
 )
 from ._handle_error import handle_error
+from ._probe import Monitor
 from ._state import Resilience
 from .telemetry import attach as attach_telemetry
 
@@ -37,6 +39,8 @@ __all__ = ["install"]
 def install(engine: Engine, r: Resilience) -> None:
     """Attach ``r`` to ``engine``: pool admission, event listeners, call deadline."""
     install_pool(engine.pool, r)
+    if r.watch and r.policy.breaker.probe_after is not None:
+        r.monitor = Monitor(r)
 
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
         SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
@@ -47,6 +51,10 @@ def install(engine: Engine, r: Resilience) -> None:
             conn = tel.connect(lambda d_, ca_, cp_: connect(r, d_, ca_, cp_, rec), d, ca, cp)
         if r.watch:  # before the pool's connect listeners: they run the set-up queries
             watch_connection(r, conn, rec)
+        m = r.monitor
+        if m is not None:  # the database answers; a MySQL probe logs in with these
+            m.connect_kwargs = cp
+            m.unreachable = None
         return conn
 
     event.listen(engine, "do_connect", do_connect)
@@ -59,6 +67,7 @@ def install(engine: Engine, r: Resilience) -> None:
     if r.watch and call is not None:
         # the last connect listener: it disarms the set-up deadline do_connect armed
         event.listen(engine, "connect", on_connect(r))
+        event.listen(engine, "set_connection_execution_options", call_timeout_option)
         if engine.dialect.supports_server_side_cursors:
             guard_server_side_cursors(engine.dialect, call)
     if r.watch or r.slow_call is not None:

@@ -80,6 +80,8 @@ def _connect_retrying(
 ) -> Any:
     """The retry loop, entered only after a first attempt failed."""
     policy = r.policy.retry
+    # getting a connection is bounded by Timeouts.checkout: no new attempt after it
+    budget = min(policy.deadline, r.policy.timeouts.checkout)
     history: list[str] = []
     attempt = 1
     while True:
@@ -96,7 +98,7 @@ def _connect_retrying(
         if (
             c.retry is RetryLevel.CONNECT
             and attempt < policy.attempts
-            and elapsed + pause < policy.deadline
+            and elapsed + pause < budget
             and (b is None or b.state is CLOSED)
         ):
             if r.telemetry is not None:

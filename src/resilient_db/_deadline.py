@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextvars
 import sys
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _compat
 from ._state import Resilience
-from ._watchdog import WATCHDOG, Slot, socket_fileno
+from ._watchdog import FOREVER, WATCHDOG, Slot, socket_fileno
+from .errors import ConfigurationError
 
 __all__ = [
     "SETTING_UP",
@@ -68,8 +68,8 @@ def watch_connection(r: Resilience, dbapi_connection: Any, record: Any) -> None:
         conn = ref()
         return None if conn is None else socket_fileno(conn)
 
-    slot = WATCHDOG.slot(fd)
-    slot.deadline = time.monotonic() + r.policy.timeouts.call  # type: ignore[operator]
+    slot = WATCHDOG.slot(fd, r.monitor)
+    slot.arm(r.policy.timeouts.call)  # type: ignore[arg-type]
     record.info[SLOT] = slot
     SETTING_UP.set(slot)
 
@@ -109,6 +109,32 @@ def slot_of(conn: Any) -> Slot | None:
     return slot if isinstance(slot, Slot) else None
 
 
+CALL_TIMEOUT = "resilient_db_call_timeout"  # the connection execution option
+
+
+def call_timeout_option(conn: Any, opts: dict[str, Any]) -> None:
+    """``set_connection_execution_options``: this connection's own call deadline.
+
+    ``conn.execution_options(resilient_db_call_timeout=120)`` raises the per-call
+    deadline of that connection until it is returned to the pool; ``None``
+    removes it (the silence probe still watches the calls).
+    """
+    if CALL_TIMEOUT not in opts:
+        return
+    value = opts[CALL_TIMEOUT]
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400
+    ):
+        raise ConfigurationError(
+            CALL_TIMEOUT,
+            f"must be a number of seconds in (0, 86400] or None, got {value!r}.",
+            "Pass e.g. 120 for a long migration, or None for no client-side deadline.",
+        )
+    slot = slot_of(conn)
+    if slot is not None:
+        slot.own_call = FOREVER if value is None else float(value)
+
+
 def slow(r: Resilience, info: dict[str, Any]) -> None:
     """A call outlived the slow-call threshold: count it and spoil the checkout."""
     info["resilient_db.failed"] = True
@@ -146,7 +172,11 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
                 # close, and the pool replaces this connection at checkin
                 return None
             # a deadline around this call (a connection's set-up) bounds it too, restored after
-            outer = slot.arm(call) if slot is not None else 0.0
+            if slot is not None:
+                own = slot.own_call
+                outer = slot.arm(call if own < 0 else own)
+            else:
+                outer = 0.0
             t0 = clock() if slow_call is not None else 0.0
             try:
                 result = original(*args)
@@ -208,7 +238,8 @@ class _DeadlineCursor:
 
     def _within(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         slot = self._rdb_slot
-        outer = slot.arm(self._rdb_call)
+        own = slot.own_call
+        outer = slot.arm(self._rdb_call if own < 0 else own)
         try:
             result = fn(*args, **kwargs)
         finally:

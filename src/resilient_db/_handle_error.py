@@ -12,6 +12,7 @@ for a COMMIT whose outcome is unknown).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,8 @@ def _classified(
     r: Resilience, ctx: Any, orig: BaseException, target_exc: BaseException
 ) -> BaseException | None:
     phase = _phase(ctx, orig)
+    diagnosis: str | None = None
+    cut: str | None = None
     fo = r.failover
     t = r.target if fo is None else fo.target_of(ctx.connection)
     c = classify(target_exc, phase=phase, target=t)
@@ -79,12 +82,21 @@ def _classified(
             # then nothing of this call reached the server, so no ambiguous commit
             earlier = not slot.fired
             slot.fired = False
+            cut, slot.cut = slot.cut, None  # cut early: a probe found the database silent
             if slot is setting_up:  # the first connection's initialize()
                 phase = "connect"
             # a call on an open connection timed out (a set-up query too: not a connect
             # timeout); at COMMIT, an ambiguous commit
             call_phase = "execute" if phase == "connect" or earlier else phase
             c = classify(TimeoutError("call deadline"), phase=call_phase, target=t)
+            if cut is not None and not earlier:
+                diagnosis = (
+                    f"{c.diagnosis} {cut}"
+                    if c.kind is Kind.AMBIGUOUS_COMMIT
+                    else f"{cut} The call was cut at once, not left to its deadline."
+                )
+    if c.kind is Kind.READ_TIMEOUT and cut is None and r.monitor is not None:
+        r.monitor.suspect(time.monotonic())  # a call outlived its deadline: probe the database
     b = r.breaker
     if b is not None:
         if c.counts_for_breaker:
@@ -101,7 +113,7 @@ def _classified(
         ctx.invalidate_pool_on_disconnect = False
     if c.kind is Kind.READ_ONLY and fo is not None:
         c = fo.refused_write(ctx, c)  # the primary moved: re-route (failover.py)
-    ectx = r.record_error(c, r.context(c, phase=phase, target=t))
+    ectx = r.record_error(c, r.context(c, phase=phase, target=t, diagnosis=diagnosis))
     if c.kind is Kind.AMBIGUOUS_COMMIT:
         return AmbiguousCommitError(
             f"Engine '{r.name}': {c.diagnosis} (cause: {type(orig).__name__})", ectx

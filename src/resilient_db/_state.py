@@ -93,6 +93,8 @@ class Resilience:
         self.pymysql = driver == "pymysql"
         # host selection of a multi-host engine (resilient_db.failover.attach sets it)
         self.failover: Any = None
+        # the silence detector and probe (resilient_db._probe.Monitor), or None
+        self.monitor: Any = None
 
     def context(
         self,

@@ -1,4 +1,4 @@
-"""Per-call deadlines for drivers that have no (cheap) client-side read timeout.
+"""Per-call deadlines, and the first sign of a silent database.
 
 psycopg (3 and 2) and aiomysql block in ``recv`` for ever when the network goes
 silent on an established connection; asyncpg has ``command_timeout``, but it
@@ -7,6 +7,9 @@ watched connection gets a :class:`Slot`; a call arms it with a deadline and
 disarms it when done (two attribute writes). One daemon thread scans the armed
 slots every ``tick`` seconds and, when a deadline has passed, shuts the socket
 down so the blocked call fails at once and SQLAlchemy discards the connection.
+A slot's engine may also ask to hear of a call silent for longer than its
+``probe_after`` (:class:`Suspicious`): the same scan tells it, and the engine
+probes the database (:mod:`resilient_db._probe`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,29 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 __all__ = ["WATCHED_DRIVERS", "Slot", "Watchdog", "socket_fileno"]
 
 # Drivers without a client-side read timeout: guarded by the watchdog.
 # asyncpg has command_timeout, but it costs an event-loop timer per protocol exchange.
-WATCHED_DRIVERS = frozenset({"psycopg", "psycopg2", "psycopg_async", "aiomysql", "asyncpg"})
+# PyMySQL has a read timeout of its own, but its calls are watched for silence too.
+WATCHED_DRIVERS = frozenset(
+    {"psycopg", "psycopg2", "psycopg_async", "aiomysql", "asyncpg", "pymysql"}
+)
+
+
+#: "no deadline": far enough that it never passes, while the call stays watched for silence
+FOREVER = 10.0**9
+
+
+class Suspicious(Protocol):  # pragma: no cover - protocol
+    """What a slot's engine offers the watchdog: a threshold and a callback."""
+
+    probe_after: float
+
+    def suspect(self, now: float) -> None:
+        """A call has been silent for ``probe_after`` seconds; must not block."""
 
 
 class Slot:
@@ -34,13 +54,32 @@ class Slot:
     deadline); the connection is dead and must not serve another call.
     """
 
-    __slots__ = ("__weakref__", "deadline", "fd_getter", "fired", "shot")
+    __slots__ = (
+        "__weakref__",
+        "armed_at",
+        "cut",
+        "deadline",
+        "fd_getter",
+        "fired",
+        "monitor",
+        "own_call",
+        "shot",
+    )
 
-    def __init__(self, fd_getter: Callable[[], int | None]) -> None:
+    def __init__(
+        self, fd_getter: Callable[[], int | None], monitor: Suspicious | None = None
+    ) -> None:
         self.deadline = 0.0
+        self.armed_at = 0.0
         self.fired = False
         self.shot = False
         self.fd_getter = fd_getter
+        self.monitor = monitor
+        #: why the engine cut this call before its deadline (the database is unreachable)
+        self.cut: str | None = None
+        #: the connection's own call deadline while checked out (execution option
+        #: ``resilient_db_call_timeout``): -1 none set, else seconds (FOREVER: no deadline)
+        self.own_call = -1.0
 
     def arm(self, seconds: float) -> float:
         """Arm a deadline ``seconds`` from now, never later than one already armed.
@@ -48,8 +87,13 @@ class Slot:
         Returns the deadline that was armed before, for :meth:`disarm`.
         """
         outer = self.deadline
-        deadline = time.monotonic() + seconds
-        self.deadline = deadline if not outer or deadline < outer else outer
+        now = time.monotonic()
+        deadline = now + seconds
+        if not outer:
+            self.armed_at = now
+            self.deadline = deadline
+        elif deadline < outer:
+            self.deadline = deadline
         return outer
 
     def disarm(self, outer: float) -> None:
@@ -113,9 +157,9 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self.fired = 0
 
-    def slot(self, fd_getter: Callable[[], int | None]) -> Slot:
+    def slot(self, fd_getter: Callable[[], int | None], monitor: Suspicious | None = None) -> Slot:
         """Register a new slot and make sure the scanning thread runs."""
-        s = Slot(fd_getter)
+        s = Slot(fd_getter, monitor)
         with self._lock:
             self._slots.add(s)
             if self._thread is None or not self._thread.is_alive():
@@ -125,6 +169,11 @@ class Watchdog:
                 self._thread.start()
         return s
 
+    def slots(self) -> list[Slot]:
+        """The registered slots (of live connections)."""
+        with self._lock:
+            return list(self._slots)
+
     def scan(self) -> int:
         """Fire every slot whose deadline has passed; returns how many fired."""
         now = self.clock()
@@ -133,19 +182,25 @@ class Watchdog:
             slots = list(self._slots)
         for s in slots:
             d = s.deadline
-            if d and now >= d and not s.fired:
-                fd = s.fd_getter()
-                if s.deadline != d:  # the call ended (or a new one began) meanwhile
-                    continue
-                s.fired = True  # before the shot: the failing call must see it
+            if not d or s.fired:
+                continue
+            if now < d:
+                m = s.monitor
+                if m is not None and now - s.armed_at >= m.probe_after:
+                    m.suspect(now)
+                continue
+            fd = s.fd_getter()
+            if s.deadline != d:  # the call ended (or a new one began) meanwhile
+                continue
+            s.fired = True  # before the shot: the failing call must see it
 
-                def due(s: Slot = s, d: float = d) -> bool:
-                    return s.deadline == d
+            def due(s: Slot = s, d: float = d) -> bool:
+                return s.deadline == d
 
-                if fd is not None and fd >= 0 and not _shutdown(fd, due):
-                    s.fired = False  # the call ended just before the shot: spared
-                    continue
-                fired += 1
+            if fd is not None and fd >= 0 and not _shutdown(fd, due):
+                s.fired = False  # the call ended just before the shot: spared
+                continue
+            fired += 1
         self.fired += fired
         return fired
 

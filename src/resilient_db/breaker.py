@@ -241,8 +241,13 @@ class CircuitBreaker:
         self._emit(events)
         self._notify("success")
 
-    def record_failure(self, diagnosis: str | None = None, probe: int | bool = 0) -> None:
-        """Report a counted failure (a fault of the database or the path to it)."""
+    def record_failure(
+        self, diagnosis: str | None = None, probe: int | bool = 0, *, at_once: bool = False
+    ) -> None:
+        """Report a counted failure (the database could not be reached).
+
+        ``at_once``: open without waiting for the failure threshold.
+        """
         with self._lock:
             self.failures += 1
             self._consecutive += 1
@@ -253,12 +258,18 @@ class CircuitBreaker:
                 self.shared.probe_done(probe, False)
             if self._is_current(probe):
                 self._probes = max(0, self._probes - 1)
-            if self.state is HALF_OPEN or (self.state is CLOSED and self._should_trip()):
+            if self.state is HALF_OPEN or (
+                self.state is CLOSED and (at_once or self._should_trip())
+            ):
                 self._transition(OPEN)
             self._requiet()
             events = self._take_events()
         self._emit(events)
         self._notify("failure")
+
+    def trip(self, reason: str) -> None:
+        """Open now on direct evidence that the database cannot be reached (a failed probe)."""
+        self.record_failure(reason, at_once=True)
 
     def release(self, probe: int | bool) -> None:
         """A call ended without a verdict (cancelled, or an application error)."""

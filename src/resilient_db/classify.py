@@ -696,6 +696,10 @@ def classify(
         kind = Kind.AMBIGUOUS_COMMIT
     assert kind is not None
     retry, counts, template = _RULES[kind]
+    # the breaker judges whether the database can be reached: only a failed attempt to
+    # reach it counts (a fresh connection; a probe). A lost session does not: the pool
+    # reconnects, and that connect counts if the database is really gone.
+    counts = counts and phase in (None, "connect")
     if phase == "connect" and kind in _CONNECTION_LOSS:
         retry = RetryLevel.CONNECT
     if kind is Kind.IDLE_TIMEOUT and code == "25P03":

@@ -69,17 +69,24 @@ class Timeouts:
     """Time limits in seconds. ``None`` disables a limit (validation warns about it).
 
     - ``connect``: one connection attempt, including the server's greeting.
-    - ``checkout``: waiting for a pooled connection (SQLAlchemy's ``pool_timeout``).
+    - ``checkout``: getting a connection: the wait for a pooled one
+      (SQLAlchemy's ``pool_timeout``), and the connect sequence, which starts
+      no new attempt after this long (so ``engine.connect()`` gives up within
+      ``checkout + connect`` seconds, 5 s by default).
     - ``statement``: the server-side statement timeout (PostgreSQL
       ``statement_timeout``, MariaDB ``max_statement_time``, SQLite busy timeout).
     - ``call``: the client-side deadline for one call on an established
-      connection; a silent network or hung server cannot hold a call longer.
+      connection, the backstop behind the statement timeout. A silent database
+      is found out sooner, by the breaker's probe (``BreakerPolicy.probe_after``).
+
+    The defaults stay under the usual worker and probe limits (gunicorn's 30 s
+    worker timeout); long work raises them per connection (docs/resilience.md).
     """
 
-    connect: float | None = 5.0
-    checkout: float = 2.0
-    statement: float | None = 30.0
-    call: float | None = 35.0
+    connect: float | None = 2.0
+    checkout: float = 3.0
+    statement: float | None = 25.0
+    call: float | None = 28.0
 
     def __post_init__(self) -> None:
         _check_number(self, "connect", optional=True)
@@ -95,6 +102,9 @@ class PoolPolicy:
     - ``size`` / ``max_overflow``: as SQLAlchemy's ``pool_size`` / ``max_overflow``.
     - ``max_waiters``: callers allowed to wait for a connection at once; more are
       rejected at once with :class:`~resilient_db.PoolExhaustedError` (the bulkhead).
+      Nobody waits while the breaker is open or a probe is out. The database layer
+      holds at most ``size + max_overflow + max_waiters`` threads: keep that below
+      the service's worker count.
     - ``recycle``: replace connections older than this (below MySQL's idle timeout).
     - ``ping_after_idle``: ping a pooled connection on checkout only when it sat
       idle longer than this (``None``: never; ``0``: on every checkout).
@@ -102,7 +112,7 @@ class PoolPolicy:
 
     size: int = 5
     max_overflow: int = 5
-    max_waiters: int | None = 16
+    max_waiters: int | None = 2
     recycle: float | None = 1800.0
     ping_after_idle: float | None = 1.0
 
@@ -139,12 +149,18 @@ class RetryPolicy:
 class BreakerPolicy:
     """When the circuit breaker opens and how it probes the database back.
 
-    It opens after ``failure_threshold`` consecutive counted failures, or, when
-    ``failure_rate`` is set, when that share of the last ``window`` calls
-    failed (after at least ``minimum_calls``). A call slower than
-    ``slow_call`` seconds counts as a failure. After ``reset_timeout`` it lets
-    ``half_open_max_calls`` probes through at a time; ``success_threshold``
-    successful probes close it.
+    It judges whether the database can be *reached*: it counts failed attempts
+    to reach it (fresh connections that fail), never a lost session or an
+    application error. It opens after ``failure_threshold`` consecutive counted
+    failures, or, when ``failure_rate`` is set, when that share of the last
+    ``window`` counted outcomes failed (after at least ``minimum_calls``). A call
+    slower than ``slow_call`` seconds counts as a failure (off by default).
+
+    A call silent for ``probe_after`` seconds makes the engine probe the
+    database on a fresh connection; no answer within ``probe_timeout`` opens the
+    breaker at once and cuts the calls in flight. After ``reset_timeout`` it
+    lets ``half_open_max_calls`` probes through at a time;
+    ``success_threshold`` successful probes close it.
     """
 
     enabled: bool = True
@@ -153,6 +169,8 @@ class BreakerPolicy:
     window: int = 20
     minimum_calls: int = 10
     slow_call: float | None = None
+    probe_after: float | None = 1.0
+    probe_timeout: float = 1.5
     reset_timeout: float = 5.0
     half_open_max_calls: int = 1
     success_threshold: int = 1
@@ -167,6 +185,8 @@ class BreakerPolicy:
         _check_number(self, "window", integer=True, minimum=1, strict=False)
         _check_number(self, "minimum_calls", integer=True, minimum=1, strict=False)
         _check_number(self, "slow_call", optional=True)
+        _check_number(self, "probe_after", optional=True)
+        _check_number(self, "probe_timeout")
         _check_number(self, "reset_timeout")
         _check_number(self, "half_open_max_calls", integer=True, minimum=1, strict=False)
         _check_number(self, "success_threshold", integer=True, minimum=1, strict=False)

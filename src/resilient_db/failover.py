@@ -578,6 +578,7 @@ def attach(engine: Engine, r: Resilience, hosts: tuple[Host, ...], role: Role) -
     backend, driver = engine.url.get_backend_name(), engine.dialect.driver
     fo = Failover(r, backend, hosts, role, clock=r.clock, driver=driver)
     r.failover = fo
+    r.monitor = None  # probes judge one server; a multi-host engine's breakers are per host
     return fo
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from ._compat import base_pool_class, no_free_connection
 from ._compat import max_overflow as pool_max_overflow
+from ._deadline import slot_of
 from ._state import resilience_of
 from .breaker import BreakerSnapshot
 from .classify import classify
@@ -170,10 +171,14 @@ def _snapshot(
     stats = pool_stats(sync.pool, r)
     reasons: list[str] = []
     status = OK
+    unreachable = r.monitor.unreachable if r.monitor is not None else None
     if b is not None and b.state == "open":
         status = DOWN
         why = "forced open by an operator" if b.forced else (b.last_failure or "open")
         reasons.append(f"circuit breaker open: {why}")
+    elif unreachable is not None:
+        status = DOWN  # a probe found it silent; the breaker is half-open or disabled
+        reasons.append(f"database unreachable: {unreachable}")
     if ping_ok is False:
         status = DOWN
     if ping_reason:
@@ -274,7 +279,10 @@ def health(engine: EngineLike, *, ping: bool = False, timeout: float = 1.0) -> H
             )
         box: dict[str, Any] = {}
         worker = threading.Thread(
-            target=_ping_sync, args=(sync, r, box), name=f"resilient_db-ping-{r.name}", daemon=True
+            target=_ping_sync,
+            args=(sync, r, box, timeout),
+            name=f"resilient_db-ping-{r.name}",
+            daemon=True,
         )
         _INFLIGHT[r] = worker
     t0 = time.perf_counter()
@@ -296,18 +304,28 @@ def health(engine: EngineLike, *, ping: bool = False, timeout: float = 1.0) -> H
     return _snapshot(sync, r, ping_ok=True, ping_seconds=seconds)
 
 
-def _ping_sync(sync: Any, r: Any, box: dict[str, Any]) -> None:
+def _ping_sync(sync: Any, r: Any, box: dict[str, Any], timeout: float) -> None:
     try:
         fairy = sync.raw_connection()
     except Exception as e:
         box["error"] = _failure(r, e)
         return
+    # the ping runs under the connection's watchdog slot: into a silent network it is
+    # cut at `timeout`, so the next readiness check pings again instead of finding
+    # this one still blocked on a dead socket
+    slot = slot_of(fairy)
+    outer = slot.arm(timeout) if slot is not None else 0.0
     try:
         sync.dialect.do_ping(fairy.dbapi_connection)
     except Exception as e:
         fairy.invalidate()
-        box["error"] = _failure(r, e)
+        fired = slot is not None and slot.fired
+        box["error"] = _failure(r, TimeoutError("ping deadline") if fired else e)
     finally:
+        if slot is not None:
+            slot.disarm(outer)
+            slot.fired = False
+            slot.cut = None
         fairy.close()
 
 

@@ -47,7 +47,7 @@ def pg_drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 
 
 def test_default_scenario_detects_and_recovers(pg_drill: dict[str, Any]) -> None:
-    """Every fault of the default scenario is survived; network faults open the breaker."""
+    """Every fault is survived; each makes new connections fail, so each opens the breaker."""
     report = pg_drill["report"]
     assert (0, True) == (pg_drill["code"], report["recovered"])
     names = [p["name"] for p in report["phases"]]
@@ -68,7 +68,8 @@ def test_default_scenario_detects_and_recovers(pg_drill: dict[str, Any]) -> None
     for fault in ("refuse", "blackhole", "reset"):
         phase = by[fault]
         assert phase["detect_s"] is not None and phase["detect_s"] < 3.0, phase
-        assert phase["rejected"] > 0 and phase["ok"] == 0, phase
+        # (a request may still complete on a pooled connection as the fault is applied)
+        assert phase["rejected"] > 0 and phase["ok"] <= 2, phase
         assert phase["recover_s"] is not None and phase["recover_s"] < 5.0, phase
         assert by[f"after {fault}"]["ok"] > 0
     # silence: calls end at the 1 s call deadline (or the 2 s connect timeout), never hang

@@ -180,8 +180,8 @@ def test_execute_faults_match_statements(sqlite_url: str) -> None:
     assert (1, False) == (inject.executes_failed, inject.pending)
 
 
-def test_execute_faults_open_the_breaker(sqlite_url: str) -> None:
-    """Counted injected failures open the breaker; later calls are rejected without a query."""
+def test_execute_faults_never_open_the_breaker(sqlite_url: str) -> None:
+    """Failed statements on an open connection are no evidence the database is unreachable."""
     policy = Policy(breaker=BreakerPolicy(failure_threshold=3, reset_timeout=60))
     engine = resilient_db.create_engine(sqlite_url, policy=policy)
     inject = FaultInjector(engine)
@@ -193,8 +193,29 @@ def test_execute_faults_open_the_breaker(sqlite_url: str) -> None:
                 conn.execute(sa.text("SELECT 1"))
         except sa_exc.SQLAlchemyError as e:
             outcomes.append(type(e).__name__)
+    assert (["OperationalError"] * 5, "closed") == (outcomes, resilient_db.breaker_of(engine).state)
+    inject.clear()
+    with engine.connect() as conn:
+        assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
+
+
+def test_connect_faults_open_the_breaker(sqlite_url: str) -> None:
+    """Failed connects open the breaker; later calls are rejected without connecting."""
+    policy = Policy(
+        retry=RetryPolicy(attempts=1), breaker=BreakerPolicy(failure_threshold=3, reset_timeout=60)
+    )
+    engine = resilient_db.create_engine(sqlite_url, policy=policy)
+    inject = FaultInjector(engine)
+    inject.fail_connects(None, "disk_full")
+    outcomes = []
+    for _ in range(5):
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa_exc.SQLAlchemyError as e:
+            outcomes.append(type(e).__name__)
     assert ["OperationalError"] * 3 + ["CircuitOpenError"] * 2 == outcomes
-    assert 3 == inject.executes_failed
+    assert 3 == inject.connects_failed
     inject.clear()
     resilient_db.breaker_of(engine).reset()
     with engine.connect() as conn:

@@ -40,7 +40,7 @@ USER_SUITE = textwrap.dedent(
 
     def test_injected_outage_on_sqlite(fault_injector, tmp_path):
         engine = resilient_db.create_engine(f"sqlite:///{tmp_path}/app.db", policy=POLICY)
-        fault_injector(engine).fail_executes(None, "disk_full")
+        fault_injector(engine).fail_connects(None, "disk_full")  # no connection to be had
         contexts = assert_degraded_gracefully(engine, within=1.0, calls=3, breaker_opens=True)
         assert ["disk_full", "disk_full", "circuit_open"] == [c.kind for c in contexts]
 

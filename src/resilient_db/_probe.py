@@ -1,0 +1,219 @@
+"""Finding out a silent database in seconds: suspicion, an out-of-band probe, a verdict.
+
+A call on an established connection that stays silent for
+``BreakerPolicy.probe_after`` seconds makes the engine suspicious (the
+watchdog's scan tells its :class:`Monitor`). One probe per engine then asks
+the server directly, on a fresh TCP connection and with a budget of
+``BreakerPolicy.probe_timeout`` seconds, whether it answers at all:
+
+- PostgreSQL: an ``SSLRequest``, answered with one byte before any
+  authentication (the server logs nothing for it);
+- MariaDB/MySQL: the server's greeting, sent as soon as it accepts; the
+  handshake is then completed with PyMySQL, so the server never counts the
+  probe as an aborted connect (``max_connect_errors``).
+
+No answer: the breaker opens at once, the engine's calls in flight are cut
+with an explained ``read_timeout``, and nobody waits for a connection. An
+answer: the slow calls are legitimate and run on to their own deadline. The
+verdict is about reaching the server, so it holds behind a brownout (one late
+reply is still a reply) and never cancels a long query on a healthy server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+import weakref
+from typing import Any
+
+from ._state import Resilience
+from ._watchdog import WATCHDOG
+from .classify import Target
+
+__all__ = ["Monitor", "answers"]
+
+logger = logging.getLogger("resilient_db.probe")
+
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+_SILENT = ("no reply", "no greeting")  # verdicts of a connection that was accepted
+_CONFIRM = 0.25  # seconds: the confirming probe's budget
+
+
+class Monitor:
+    """One engine's silence detector and probe (set on ``Resilience.monitor``)."""
+
+    def __init__(self, r: Resilience) -> None:
+        b = r.policy.breaker
+        assert b.probe_after is not None
+        self.probe_after: float = b.probe_after
+        self.budget = b.probe_timeout
+        self._r = weakref.ref(r)
+        self._lock = threading.Lock()
+        #: True while a probe is out: nobody waits for a connection meanwhile
+        self.probing = False
+        self._next_at = 0.0
+        #: why the last probe found the database unreachable; None once it answers again
+        self.unreachable: str | None = None
+        self.probes = 0
+        self.failed = 0
+        #: the connect arguments of the last successful connect (for MySQL's handshake)
+        self.connect_kwargs: dict[str, Any] = {}
+
+    def suspect(self, now: float) -> None:
+        """A call has been silent for ``probe_after`` seconds (the watchdog's thread)."""
+        if self.probing or now < self._next_at:
+            return
+        with self._lock:
+            if self.probing or now < self._next_at:
+                return
+            self.probing = True
+        threading.Thread(target=self._run, name="resilient-db-probe", daemon=True).start()
+
+    def _run(self) -> None:
+        r = self._r()
+        try:
+            if r is None:
+                return
+            self.probes += 1
+            reason = answers(r.target, self.budget, self.connect_kwargs)
+            if reason in _SILENT:
+                # connected, then silence: confirm on another fresh connection, briefly,
+                # so a probe that started during a blip that has healed does not trip
+                reason = answers(r.target, min(_CONFIRM, self.budget), self.connect_kwargs)
+            if reason is None:
+                self.unreachable = None
+            else:
+                self._unreachable(r, reason)
+        except Exception:  # pragma: no cover - a probe must never kill its thread loudly
+            logger.debug("probe failed unexpectedly", exc_info=True)
+        finally:
+            self._next_at = time.monotonic() + self.probe_after
+            self.probing = False
+
+    def _unreachable(self, r: Resilience, reason: str) -> None:
+        """No answer: open the breaker, cut the calls in flight, tell the operator."""
+        self.failed += 1
+        diagnosis = (
+            f"{r.target.where} stopped answering: a probe on a fresh connection got no "
+            f"reply within {self.budget:g}s ({reason}); the network is partitioned or "
+            "the server hangs."
+        )
+        self.unreachable = diagnosis
+        if r.breaker is not None:
+            r.breaker.trip(diagnosis)
+        cut = 0
+        now = time.monotonic()
+        for slot in WATCHDOG.slots():
+            if slot.monitor is self and slot.deadline and not slot.fired:
+                slot.cut = diagnosis
+                slot.deadline = min(slot.deadline, now)  # the next scan shuts it down
+                cut += 1
+        logger.warning(
+            "database unreachable; %d call(s) in flight cut",
+            cut,
+            extra={"db_engine": r.name, "db_diagnosis": diagnosis},
+        )
+
+    def connected(self) -> None:
+        """A fresh connection succeeded: the database answers again."""
+        self.unreachable = None
+
+
+def answers(target: Target, budget: float, connect_kwargs: dict[str, Any]) -> str | None:
+    """Ask the server whether it answers at all; None if it does, else why not.
+
+    A server that cannot be probed this way (no TCP host, another dialect) is
+    taken to answer: then the calls' own deadlines decide, as without probes.
+    """
+    if target.dialect == "postgresql":
+        return _probe_pg(target, budget)
+    if target.dialect in ("mysql", "mariadb"):
+        return _probe_mysql(target, budget, connect_kwargs)
+    return None
+
+
+def _open(target: Target, budget: float, default_port: int) -> socket.socket | str:
+    host = target.host
+    if not host:
+        return "no host"
+    port = int(target.port or default_port)
+    deadline = time.monotonic() + budget
+    try:
+        if host.startswith("/"):  # a Unix-domain socket directory (PostgreSQL)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(budget)
+            sock.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            sock = socket.create_connection((host, port), timeout=budget)
+    except TimeoutError:
+        return "connect timed out"
+    except OSError as e:
+        return f"connect failed: {e.strerror or type(e).__name__}"
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    return sock
+
+
+def _probe_pg(target: Target, budget: float) -> str | None:
+    sock = _open(target, budget, 5432)
+    if isinstance(sock, str):
+        return None if sock == "no host" else sock
+    with contextlib.closing(sock):
+        try:
+            sock.sendall(_SSL_REQUEST)
+            reply = sock.recv(1)
+        except TimeoutError:
+            return "no reply"
+        except OSError as e:
+            return f"connection failed: {e.strerror or type(e).__name__}"
+    return None if reply else "connection closed without a reply"
+
+
+def _probe_mysql(target: Target, budget: float, connect_kwargs: dict[str, Any]) -> str | None:
+    sock = _open(target, budget, 3306)
+    if isinstance(sock, str):
+        return None if sock == "no host" else sock
+    try:
+        greeting = sock.recv(4, socket.MSG_PEEK)
+    except TimeoutError:
+        sock.close()
+        return "no greeting"
+    except OSError as e:
+        sock.close()
+        return f"connection failed: {e.strerror or type(e).__name__}"
+    if not greeting:
+        sock.close()
+        return "connection closed without a greeting"
+    threading.Thread(
+        target=_finish_mysql_handshake, args=(sock, target, connect_kwargs), daemon=True
+    ).start()
+    return None
+
+
+_MYSQL_KEYS = ("user", "password", "database", "db", "charset", "ssl", "program_name")
+
+
+def _finish_mysql_handshake(sock: socket.socket, target: Target, kwargs: dict[str, Any]) -> None:
+    """Log in and out, so the server does not count the probe as an aborted connect."""
+    try:
+        import pymysql
+
+        args = {k: kwargs[k] for k in _MYSQL_KEYS if k in kwargs}
+        if "db" in args:
+            args.setdefault("database", args.pop("db"))
+        conn = pymysql.connections.Connection(
+            host=target.host,
+            port=int(target.port or 3306),
+            defer_connect=True,
+            connect_timeout=10,
+            read_timeout=10,
+            **args,
+        )
+        conn.connect(sock)
+        conn.close()
+    except Exception:
+        with contextlib.suppress(Exception):
+            sock.close()

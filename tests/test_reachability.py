@@ -1,0 +1,276 @@
+"""The breaker judges reachability: blips do not count, a silent database is probed and cut.
+
+Every engine here runs with the default policy (validation off, to keep the
+startup check out of the timings), against the real servers, through the
+fault proxy where the network has to misbehave.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import resilient_db
+from resilient_db import CircuitOpenError, Policy, PoolExhaustedError
+from resilient_db._probe import answers
+from resilient_db.classify import Target
+from resilient_db.engine import breaker_of, resilience_of
+from resilient_db.testing import FaultProxy
+
+DEFAULT = Policy(validate="off")  # the default policy, without the startup check
+
+
+def _proxied(url: str, proxy: FaultProxy) -> str:
+    u = sa.make_url(url)
+    return u.set(host=proxy.host, port=proxy.port).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["pg", "mariadb"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The URL of each shared server."""
+    name = "pg_url" if request.param == "pg" else "mariadb_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def proxied(server: str) -> Iterator[tuple[sa.Engine, FaultProxy]]:
+    """A default-policy engine behind a fault proxy in front of the server."""
+    u = sa.make_url(server)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        engine = resilient_db.create_engine(_proxied(server, proxy), policy=DEFAULT)
+        try:
+            yield engine, proxy
+        finally:
+            proxy.passthrough()
+            engine.dispose()
+
+
+def _sleep_sql(engine: sa.Engine, seconds: float) -> sa.TextClause:
+    if engine.dialect.name == "postgresql":
+        return sa.text(f"SELECT pg_sleep({seconds})")
+    return sa.text(f"SELECT SLEEP({seconds})")
+
+
+def _one(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT 1")).scalar_one())
+
+
+def _raised(fn: Callable[[], object]) -> tuple[BaseException, float]:
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as e:
+        return e, time.monotonic() - t0
+    raise AssertionError("nothing was raised")
+
+
+def test_killed_sessions_do_not_open_the_breaker(pg_url: str) -> None:
+    """Six sessions killed at once are lost connections, not an unreachable database."""
+    engine = resilient_db.create_engine(pg_url, policy=DEFAULT)
+    conns = [engine.connect() for _ in range(6)]
+    pids = [c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() for c in conns]
+    with engine.connect() as admin:
+        for pid in pids:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    errors = 0
+    for c in conns:
+        try:
+            c.execute(sa.text("SELECT 1"))
+        except sa.exc.OperationalError:
+            errors += 1
+        c.close()
+    snap = breaker_of(engine).snapshot()
+    assert (6, "closed", 0) == (errors, snap.state, snap.consecutive_failures)
+    assert 1 == _one(engine)  # the pool reconnects
+    engine.dispose()
+
+
+def test_refused_connects_open_the_breaker(pg_url: str) -> None:
+    """Fresh connections that are refused are evidence: the breaker opens, then fails fast."""
+    u = sa.make_url(pg_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        proxy.refuse()
+        engine = resilient_db.create_engine(_proxied(pg_url, proxy), policy=DEFAULT)
+        for _ in range(3):
+            with pytest.raises(sa.exc.OperationalError):
+                _one(engine)
+        assert "open" == breaker_of(engine).state
+        error, took = _raised(lambda: _one(engine))
+        engine.dispose()
+    assert isinstance(error, CircuitOpenError)
+    assert took < 0.05
+
+
+def test_silent_database_is_probed_and_calls_cut(proxied: tuple[sa.Engine, FaultProxy]) -> None:
+    """A call into silence is cut within probe_after + probe_timeout, explained, breaker open."""
+    engine, proxy = proxied
+    assert 1 == _one(engine)
+    conn = engine.connect()
+    conn.execute(sa.text("SELECT 1"))
+    proxy.blackhole()
+    error, took = _raised(lambda: conn.execute(sa.text("SELECT 2")))
+    conn.close()
+    policy = resilient_db.policy_of(engine).breaker
+    ctx = resilient_db.error_context(error)
+    assert ctx is not None
+    assert ("read_timeout", "open") == (ctx.kind, breaker_of(engine).state)
+    assert "stopped answering" in ctx.diagnosis
+    assert took < policy.probe_after + policy.probe_timeout + 0.5, took  # not the 28 s deadline
+    rejected, fast = _raised(lambda: _one(engine))
+    assert isinstance(rejected, CircuitOpenError)
+    assert fast < 0.05
+
+
+def test_long_queries_on_a_healthy_database_run_to_success(server: str) -> None:
+    """Three concurrent slow queries outlive probe_after; the probes answer, nothing is cut."""
+    engine = resilient_db.create_engine(server, policy=DEFAULT)
+
+    def slow() -> object:
+        with engine.connect() as conn:
+            return conn.execute(_sleep_sql(engine, 4)).scalar_one()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(slow) for _ in range(3)]
+        t0 = time.monotonic()
+        quick = _one(engine)
+        quick_s = time.monotonic() - t0
+        results = [f.result(timeout=30) for f in futures]
+    monitor = resilience_of(engine).monitor
+    assert (3, 1, "closed") == (len(results), quick, breaker_of(engine).state)
+    assert quick_s < 0.5
+    assert monitor.probes >= 1 and 0 == monitor.failed
+    engine.dispose()
+
+
+def test_brownout_is_not_an_outage(proxied: tuple[sa.Engine, FaultProxy]) -> None:
+    """Replies 1 s late are slow, not silent: the probe answers and calls complete."""
+    engine, proxy = proxied
+    assert 1 == _one(engine)
+    proxy.latency(0.5)  # each direction: a 1 s round trip
+    assert 1 == _one(engine)
+    monitor = resilience_of(engine).monitor
+    assert ("closed", 0) == (breaker_of(engine).state, monitor.failed)
+
+
+def test_connect_into_a_silent_port_fails_within_the_bound(server: str) -> None:
+    """engine.connect() into a blackhole fails with an explained error within 5 s."""
+    u = sa.make_url(server)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        proxy.blackhole()
+        engine = resilient_db.create_engine(_proxied(server, proxy), policy=DEFAULT)
+        error, took = _raised(lambda: _one(engine))
+        engine.dispose()
+    ctx = resilient_db.error_context(error)
+    assert ctx is not None and ctx.phase == "connect"
+    assert took < 5.0, took
+
+
+def test_nobody_waits_while_a_probe_is_out(pg_url: str) -> None:
+    """With every connection in use and a probe out, a checkout fails at once."""
+    engine = resilient_db.create_engine(pg_url, policy=DEFAULT, pool_size=1, max_overflow=0)
+    held = engine.connect()
+    monitor = resilience_of(engine).monitor
+    monitor.probing = True
+    try:
+        error, took = _raised(lambda: engine.connect())
+    finally:
+        monitor.probing = False
+        held.close()
+    assert isinstance(error, PoolExhaustedError)
+    assert took < 0.1
+    engine.dispose()
+
+
+def test_health_during_and_after_a_partition(proxied: tuple[sa.Engine, FaultProxy]) -> None:
+    """health(ping=True) never says ok while silent, never hangs, and recovers after."""
+    engine, proxy = proxied
+    assert "ok" == resilient_db.health(engine, ping=True).status
+    proxy.blackhole()
+    statuses = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        statuses.append(resilient_db.health(engine, ping=True, timeout=1.0).status)
+        assert time.monotonic() - t0 < 1.5
+    assert "ok" not in statuses
+    proxy.passthrough()
+    breaker_of(engine).reset()
+    deadline = time.monotonic() + 5
+    status = ""
+    while time.monotonic() < deadline and status != "ok":
+        status = resilient_db.health(engine, ping=True, timeout=1.0).status
+    assert "ok" == status
+
+
+def test_probe_verdicts_against_real_servers(server: str) -> None:
+    """answers(): None from a live server, a reason from a refusing or silent one."""
+    u = sa.make_url(server)
+    target = Target.from_url(u)
+    assert answers(target, 1.0, {"user": u.username}) is None
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        behind = Target.from_url(u.set(host=proxy.host, port=proxy.port))
+        proxy.refuse()
+        refused = answers(behind, 1.0, {})
+        proxy.blackhole()
+        t0 = time.monotonic()
+        silent = answers(behind, 0.5, {})
+        took = time.monotonic() - t0
+    assert refused is not None and "connect failed" in refused
+    assert silent is not None and "no" in silent
+    assert took < 1.0
+
+
+def test_waiters_are_released_when_the_probe_fails(pg_url: str) -> None:
+    """A caller waiting for a connection gets CircuitOpenError once the database is found gone."""
+    u = sa.make_url(pg_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        engine = resilient_db.create_engine(
+            _proxied(pg_url, proxy), policy=DEFAULT, pool_size=1, max_overflow=0
+        )
+        assert 1 == _one(engine)
+        box: dict[str, BaseException] = {}
+        started = threading.Event()
+
+        def in_flight() -> None:
+            with engine.connect() as conn:
+                started.set()
+                try:
+                    conn.execute(sa.text("SELECT 2"))
+                except Exception as e:
+                    box["flight"] = e
+
+        t = threading.Thread(target=in_flight)
+        proxy.blackhole()
+        t.start()
+        started.wait(5)
+        time.sleep(0.1)  # the in-flight call is now blocked on the silent network
+        error, took = _raised(lambda: _one(engine))  # waits for the one connection
+        t.join(10)
+        engine.dispose()
+    assert isinstance(error, CircuitOpenError), repr(error)
+    assert took < 3.0, took
+    assert "flight" in box
+
+
+def test_call_timeout_option_lets_long_work_run(pg_url: str) -> None:
+    """resilient_db_call_timeout=None lifts the call deadline for that checkout only."""
+    policy = Policy(timeouts=resilient_db.Timeouts(call=1.0, statement=None), validate="off")
+    engine = resilient_db.create_engine(pg_url, policy=policy)
+    with engine.connect() as conn:
+        conn = conn.execution_options(resilient_db_call_timeout=None)
+        assert "" == conn.execute(sa.text("SELECT pg_sleep(1.5)::text")).scalar_one()
+    with engine.connect() as conn:  # back from the pool: the policy's deadline again
+        error, _ = _raised(lambda: conn.execute(sa.text("SELECT pg_sleep(1.5)")))
+    ctx = resilient_db.error_context(error)
+    assert ctx is not None and "read_timeout" == ctx.kind
+    with (
+        pytest.raises(resilient_db.ConfigurationError, match="resilient_db_call_timeout"),
+        engine.connect() as conn,
+    ):
+        conn.execution_options(resilient_db_call_timeout="long")
+    engine.dispose()
