@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +24,9 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        message = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", message)  # no passwords
+        from ._urls import mask_text
+
+        message = mask_text(message)  # no passwords
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

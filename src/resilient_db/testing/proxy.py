@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import math
 import random
 import re
 import socket
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
+
+from ..errors import ConfigurationError
 
 __all__ = ["Fault", "FaultProxy", "ScheduleStep"]
 
@@ -71,6 +74,22 @@ ScheduleStep: TypeAlias = (
     | tuple[float, Fault | str, float, float]
 )
 """One step of :meth:`FaultProxy.schedule`: ``(delay_s, fault, *args)``."""
+
+
+def _check_seconds(name: str, value: object, *, positive: bool = False) -> None:
+    """A finite number >= 0 (> 0 with ``positive``), or ConfigurationError naming ``name``."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        raise ConfigurationError(
+            name,
+            f"must be a finite number {'>' if positive else '>='} 0, got {value!r}.",
+            "Pass e.g. 0.2.",
+        )
 
 
 def _query_texts(data: bytes) -> Iterator[bytes]:
@@ -421,10 +440,14 @@ class FaultProxy:
 
         ``latency(0)`` removes the delay.
         """
+        _check_seconds("seconds", seconds)
+        _check_seconds("jitter", jitter)
         self._apply(Fault.LATENCY, (seconds, jitter))
 
     def bandwidth(self, bytes_per_second: float | None) -> None:
         """Cap each direction of each connection to ``bytes_per_second``; ``None`` removes it."""
+        if bytes_per_second is not None:
+            _check_seconds("bytes_per_second", bytes_per_second, positive=True)
         self._apply(Fault.BANDWIDTH, (bytes_per_second,))
 
     def reset_all(self) -> int:

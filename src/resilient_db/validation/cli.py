@@ -13,13 +13,13 @@ import importlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._urls import mask_text
 from ..config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
 from ..errors import ConfigurationError
 from .runner import _validate
@@ -216,8 +216,5 @@ def _policy_from_mapping(data: Mapping[str, Any]) -> Policy:
     return Policy(**kwargs)
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
 def _one_line(text: str) -> str:
-    return " ".join(_URL_PASSWORD.sub(r"\1***@", text).split())
+    return " ".join(mask_text(text).split())

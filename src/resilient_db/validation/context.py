@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import URL, Engine
 
@@ -88,6 +88,7 @@ class _Run:
         self.url: URL | None = None
         self.masked = "<invalid URL>"
         self.password: str | None = None
+        self.secrets: list[str] = []  # the password and secret query values
         self.target = Target()
         self.backend = ""
         self.driver = ""
@@ -115,9 +116,10 @@ class _Run:
         return min(connect if connect is not None else _DEFAULT_CONNECT, left)
 
     def scrub(self, text: str) -> str:
-        pw = self.password
-        if pw:
-            for form in {pw, quote(pw, safe=""), quote(pw)}:
+        secrets = {s for s in (self.password, *self.secrets) if s}
+        for pw in sorted(secrets, key=len, reverse=True):
+            forms = {pw, quote(pw, safe=""), quote(pw), quote_plus(pw)}
+            for form in sorted(forms, key=len, reverse=True):
                 if len(form) < 4:  # too short to tell from ordinary text; not a real secret
                     continue
                 if len(form) >= 8:
