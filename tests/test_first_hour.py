@@ -255,3 +255,24 @@ def test_warn_mode_still_only_warns_on_a_wrong_setting(caplog: pytest.LogCapture
     codes = [r.resilient_db_report["root_cause"]["code"] for r in caplog.records]  # type: ignore[attr-defined]
     assert ["RDB201"] == codes
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_capacity_check_does_not_count_the_engines_own_connections(
+    throwaway_pg: PgServer,
+) -> None:
+    """Connections the validated engine holds are demand, not 'in use by others'."""
+    engine = resilient_db.create_engine(throwaway_pg.url(), validate="off")
+
+    def in_use() -> Any:
+        finding = resilient_db.validate(engine, deadline=5).get("RDB402")
+        assert finding is not None
+        return dict(finding.details)["in_use"]
+
+    idle = in_use()
+    held = [engine.connect() for _ in range(3)]
+    busy = in_use()
+    for conn in held:
+        conn.close()
+    engine.dispose()
+    assert idle == busy

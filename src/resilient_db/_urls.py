@@ -22,6 +22,7 @@ __all__ = [
     "mask_url",
     "masked",
     "missing_driver",
+    "port_problem",
     "scheme_problem",
     "secret_values",
 ]
@@ -117,6 +118,22 @@ def masked(url: URL) -> URL:
     return _MaskedURL.create(
         url.drivername, url.username, url.password, url.host, url.port, url.database, url.query
     )
+
+
+_PORT = re.compile(r"^[\w+.-]+://(?:[^@/?#]*@)?(?:\[[^\]]*\]|[^:/?#@]*):([^/?#]*)")
+
+
+def port_problem(text: str) -> str | None:
+    """What is wrong with the port of a URL string that did not parse, or None."""
+    m = _PORT.match(text)
+    if m is None:
+        return None
+    port = m.group(1)
+    if not port.isdigit():
+        return f"has the port {port!r}, which is not a number."
+    if not 0 < int(port) < 65536:
+        return f"has the port {port}, outside 1-65535."
+    return None
 
 
 def scheme_problem(url: URL) -> tuple[str, str] | None:

@@ -23,7 +23,7 @@ from ._state import (
     register,
     resilience_of,
 )
-from ._urls import masked, scheme_problem
+from ._urls import masked, port_problem, scheme_problem
 from .config import DEFAULT_POLICY, VALIDATE_MODES, Policy, ValidateMode
 from .errors import ConfigurationError
 from .failover import Host, Role, split_url
@@ -55,10 +55,14 @@ def _parse_url(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        port = port_problem(url)
         raise ConfigurationError(
             "url",
-            "is not a valid database URL (expected dialect+driver://user:password@host:port/db).",
-            "Check DATABASE_URL; special characters in the password must be %-encoded.",
+            port
+            or "is not a valid database URL (expected dialect+driver://user:password@host:port/db).",
+            "Give the port as a number, e.g. :5432."
+            if port
+            else "Check DATABASE_URL; special characters in the password must be %-encoded.",
         ) from None
     scheme = scheme_problem(parsed)
     if scheme is not None:

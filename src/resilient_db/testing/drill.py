@@ -22,18 +22,21 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
+from .._urls import mask_text
 from ..config import BreakerPolicy, Policy, RetryPolicy, Timeouts
 from ..errors import CircuitOpenError, ConfigurationError, PoolExhaustedError, error_context
 from ._timeline import Panel, Sample, percentile, plot, series
@@ -453,7 +456,18 @@ def write_plot(report: dict[str, Any], path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``resilient-db drill``."""
-    parser.add_argument("url", help="database URL (PostgreSQL or MySQL/MariaDB) to rehearse with")
+    parser.add_argument(
+        "url",
+        nargs="?",
+        help="database URL (PostgreSQL or MySQL/MariaDB) to rehearse with (default: "
+        "$DATABASE_URL); prefer the environment so the password stays out of `ps`",
+    )
+    parser.add_argument(
+        "--env",
+        default="DATABASE_URL",
+        metavar="VAR",
+        help="environment variable holding the URL when none is given (default: DATABASE_URL)",
+    )
     parser.add_argument(
         "--scenario",
         default=",".join(DEFAULT_SCENARIO),
@@ -478,9 +492,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        choices=("drill", "env"),
-        default="drill",
-        help="drill: short deadlines (1 s) so the drill is quick; env: your RESILIENT_DB_* policy",
+        type=Path,
+        metavar="FILE",
+        help="JSON or TOML file with Policy fields, as for `check` (default: the drill's "
+        "short deadlines, 1 s, so the drill is quick)",
+    )
+    parser.add_argument(
+        "--env-policy",
+        action="store_true",
+        help="rehearse the policy of the RESILIENT_DB_* environment variables (what `check` "
+        "uses without --policy)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG plot (needs matplotlib)")
@@ -490,8 +511,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _policy(args: argparse.Namespace) -> Policy:
+    from ..validation.cli import load_policy
+
+    if args.policy is not None and args.env_policy:
+        raise ConfigurationError("--policy", "and --env-policy exclude each other.", "Pick one.")
+    if args.policy is not None:
+        return load_policy(args.policy)
+    return Policy.from_env() if args.env_policy else DRILL_POLICY
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``resilient-db drill``."""
+    from ..validation.cli import _UsageError
+
+    url = args.url if args.url is not None else os.environ.get(args.env)
+    if not url:
+        print(f"resilient-db drill: no database URL: pass one or set ${args.env}", file=sys.stderr)
+        return 2
     scenario = [f.strip() for f in str(args.scenario).split(",") if f.strip()]
     bad = [f for f in scenario if f not in FAULTS]
     if bad or not scenario:
@@ -521,9 +558,9 @@ def run(args: argparse.Namespace) -> int:
         loggers["resilient_db"].setLevel(logging.ERROR)
         loggers["sqlalchemy.pool"].setLevel(logging.CRITICAL)
     try:
-        policy = Policy.from_env() if args.policy == "env" else DRILL_POLICY
+        policy = _policy(args)
         report = drill(
-            args.url,
+            url,
             scenario=scenario,
             phase_seconds=args.phase_seconds,
             threads=args.threads,
@@ -531,8 +568,8 @@ def run(args: argparse.Namespace) -> int:
             policy=policy,
             progress=None if args.quiet else sys.stderr,
         )
-    except ConfigurationError as e:
-        print(f"resilient-db drill: {e}", file=sys.stderr)
+    except (ConfigurationError, _UsageError) as e:
+        print(f"resilient-db drill: {mask_text(str(e))}", file=sys.stderr)
         return 2
     except sa_exc.ArgumentError as e:
         print(f"resilient-db drill: bad URL: {e}", file=sys.stderr)

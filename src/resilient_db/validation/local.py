@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
 from .._driver_args import merge_connect_args
-from .._urls import mask_url, missing_driver, scheme_problem, secret_values
+from .._urls import mask_url, missing_driver, port_problem, scheme_problem, secret_values
 from ..classify import Target
 from .context import _as_float, _Run, _secs
 
@@ -40,6 +40,17 @@ def _check_url(run: _Run) -> bool:
         try:
             url = make_url(source)
         except (sa_exc.ArgumentError, ValueError, TypeError):
+            port = port_problem(source)
+            if port is not None:
+                run.add(
+                    "RDB101",
+                    "error",
+                    f"The database URL {port}",
+                    "Give the port as a number, e.g. postgresql+psycopg://app@db:5432/shop.",
+                    "url",
+                )
+                run.block("RDB101", "url", "network", "connection")
+                return False
             run.add(
                 "RDB101",
                 "error",

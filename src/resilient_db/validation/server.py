@@ -307,6 +307,15 @@ def _check_version(run: _Run) -> None:
         )
 
 
+def _checked_out(run: _Run) -> int:
+    """Connections the validated engine's own pool holds now (0 for a URL)."""
+    fn = getattr(run.engine.pool, "checkedout", None) if run.engine is not None else None
+    try:
+        return max(0, int(fn())) if callable(fn) else 0
+    except Exception:  # an exotic pool
+        return 0
+
+
 def _check_capacity(run: _Run) -> None:
     """RDB402-RDB404: the pools fit in the server's connection limits."""
     f = _need_facts(run, "RDB402")
@@ -345,20 +354,26 @@ def _check_capacity(run: _Run) -> None:
             limit=limit,
         )
     else:
+        # connections already in use by others: not this probe's, nor the engine's own
+        # checked-out ones (they are part of the demand already)
+        own = 1 + _checked_out(run)
+        in_use = max(0, f.current - own) if f.current is not None else None
+        now = f", {in_use} in use now by other sessions" if in_use is not None else ""
         run.ok(
             "RDB402",
-            f"The pools may open {demand} connections {how}; {where} allows {limit}.",
+            f"The pools may open {demand} connections {how}; {where} allows {limit}{now}.",
             demand=demand,
             limit=limit,
+            in_use=in_use,
         )
-        if f.current is not None:
-            free = limit - max(0, f.current - 1)  # not counting this probe's own connection
+        if in_use is not None:
+            free = limit - in_use
             if demand > free:
                 run.add(
                     "RDB403",
                     "warning",
                     f"Only {max(free, 0)} connection slots are free on {where} now "
-                    f"({f.current - 1} in use by others, {limit} allowed); the pools may need "
+                    f"({in_use} in use by others, {limit} allowed); the pools may need "
                     f"{demand}.",
                     "Find what holds the connections (pg_stat_activity / SHOW PROCESSLIST: "
                     "other services, leaks, idle sessions) before scaling out.",
