@@ -88,6 +88,19 @@ def test_check_json_masks_query_password(
     assert (2, masked, False) == (status, report["url"], SENTINEL in out + err)
 
 
+@pytest.mark.postgres
+def test_query_password_on_the_command_line_is_warned_of(
+    throwaway_pg: PgServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ?password= given on the command line shows in `ps` too: RDB601 warns of it."""
+    main(["check", query_password_url(throwaway_pg, APP_PASSWORD), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        "warning"
+        == report["findings"][[f["code"] for f in report["findings"]].index("RDB601")]["severity"]
+    )
+
+
 # --------------------------------------------------------------------------- input refused early
 
 

@@ -251,7 +251,7 @@ def _check_statement_vs_call(run: _Run) -> None:
 
 def _check_password_on_command_line(run: _Run) -> None:
     """RDB601: a password given on the command line is visible to every local user."""
-    if run.argv_password and run.password:
+    if run.argv_password and (run.password or run.secrets):
         run.add(
             "RDB601",
             "warning",
