@@ -17,7 +17,10 @@ __all__ = ["main"]
 # name -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("resilient_db.validation.cli", "validate a database URL and explain what is wrong"),
-    "drill": ("resilient_db.testing.drill", "rehearse an outage against a database via a proxy"),
+    "drill": (
+        "resilient_db.testing._drill_cli",
+        "rehearse an outage against a database via a proxy",
+    ),
     "demo": ("resilient_db.demo", "simulate an outage on SQLite, with and without resilient_db"),
 }
 

@@ -78,6 +78,17 @@ def _check_number(
         )
 
 
+def _check_finite(name: str, value: object, *, minimum: float | None = None) -> float:
+    """``value`` as a float: finite and >= 0 (> ``minimum`` when given), or a ConfigurationError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (minimum is not None and value <= minimum):  # type: ignore[operator]
+        rel = f"> {minimum:g}" if minimum is not None else ">= 0"
+        raise ConfigurationError(
+            name, f"must be a finite number {rel}, got {value!r}.", "Pass e.g. 0.5."
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Time limits in seconds. ``None`` disables a limit (validation warns about it).

@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
-import math
 import random
 import re
 import socket
@@ -33,7 +32,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
-from ..errors import ConfigurationError
+from ..config import _check_finite
 
 __all__ = ["Fault", "FaultProxy", "ScheduleStep"]
 
@@ -74,22 +73,6 @@ ScheduleStep: TypeAlias = (
     | tuple[float, Fault | str, float, float]
 )
 """One step of :meth:`FaultProxy.schedule`: ``(delay_s, fault, *args)``."""
-
-
-def _check_seconds(name: str, value: object, *, positive: bool = False) -> None:
-    """A finite number >= 0 (> 0 with ``positive``), or ConfigurationError naming ``name``."""
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 if positive else value >= 0)
-    )
-    if not ok:
-        raise ConfigurationError(
-            name,
-            f"must be a finite number {'>' if positive else '>='} 0, got {value!r}.",
-            "Pass e.g. 0.2.",
-        )
 
 
 def _query_texts(data: bytes) -> Iterator[bytes]:
@@ -440,14 +423,10 @@ class FaultProxy:
 
         ``latency(0)`` removes the delay.
         """
-        _check_seconds("seconds", seconds)
-        _check_seconds("jitter", jitter)
         self._apply(Fault.LATENCY, (seconds, jitter))
 
     def bandwidth(self, bytes_per_second: float | None) -> None:
         """Cap each direction of each connection to ``bytes_per_second``; ``None`` removes it."""
-        if bytes_per_second is not None:
-            _check_seconds("bytes_per_second", bytes_per_second, positive=True)
         self._apply(Fault.BANDWIDTH, (bytes_per_second,))
 
     def reset_all(self) -> int:
@@ -538,16 +517,12 @@ class FaultProxy:
 
         if fault is Fault.LATENCY:
             arity(1, 2)
-            seconds = float(args[0])
-            jitter = float(args[1]) if len(args) > 1 else 0.0
-            if seconds < 0 or jitter < 0:
-                raise ValueError("latency and jitter must be >= 0")
+            seconds = _check_finite("seconds", args[0])
+            jitter = _check_finite("jitter", args[1] if len(args) > 1 else 0.0)
             return lambda: self._do_latency(seconds, jitter)
         if fault is Fault.BANDWIDTH:
             arity(1, 1)
-            bps = None if args[0] is None else float(args[0])
-            if bps is not None and bps <= 0:
-                raise ValueError("bytes_per_second must be > 0 (or None to remove the cap)")
+            bps = None if args[0] is None else _check_finite("bytes_per_second", args[0], minimum=0)
             return lambda: self._do_bandwidth(bps)
         if fault is Fault.RESET_AFTER:
             arity(1, 1)

@@ -242,6 +242,21 @@ class _Run:
             size, overflow = self.policy.pool.size, self.policy.pool.max_overflow
         return (size + overflow) * n, f"({size} + {overflow} overflow {per})"
 
+    def others_in_use(self, current: int | None) -> int | None:
+        """Of the server's ``current`` connections, those held by others.
+
+        Not this probe's own, nor those the validated engine's pool holds now:
+        they are part of the pools' demand already.
+        """
+        if current is None:
+            return None
+        fn = getattr(self.engine.pool, "checkedout", None) if self.engine is not None else None
+        try:
+            own = max(0, int(fn())) if callable(fn) else 0
+        except Exception:  # an exotic pool
+            own = 0
+        return max(0, current - 1 - own)
+
     def recycle(self) -> float | None:
         if self.engine is not None:
             r = getattr(self.engine.pool, "_recycle", -1)

@@ -307,15 +307,6 @@ def _check_version(run: _Run) -> None:
         )
 
 
-def _checked_out(run: _Run) -> int:
-    """Connections the validated engine's own pool holds now (0 for a URL)."""
-    fn = getattr(run.engine.pool, "checkedout", None) if run.engine is not None else None
-    try:
-        return max(0, int(fn())) if callable(fn) else 0
-    except Exception:  # an exotic pool
-        return 0
-
-
 def _check_capacity(run: _Run) -> None:
     """RDB402-RDB404: the pools fit in the server's connection limits."""
     f = _need_facts(run, "RDB402")
@@ -354,10 +345,7 @@ def _check_capacity(run: _Run) -> None:
             limit=limit,
         )
     else:
-        # connections already in use by others: not this probe's, nor the engine's own
-        # checked-out ones (they are part of the demand already)
-        own = 1 + _checked_out(run)
-        in_use = max(0, f.current - own) if f.current is not None else None
+        in_use = run.others_in_use(f.current)
         now = f", {in_use} in use now by other sessions" if in_use is not None else ""
         run.ok(
             "RDB402",
