@@ -17,7 +17,6 @@ OVERSIZE = {
     "telemetry/__init__.py": 610,
     "failover.py": 600,
     "fleet.py": 550,
-    "testing/drill.py": 560,
     "testing/proxy.py": 845,
     "testing/inject.py": 505,
     "validation/server.py": 490,

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import resilient_db
 from resilient_db.cli import build_parser, main
 from resilient_db.testing import FaultProxy
 from tests import test_validate
@@ -458,3 +459,37 @@ def test_python_dash_m_check_json(sqlite_url: str) -> None:
         check=False,
     )
     assert (0, True) == (proc.returncode, json.loads(proc.stdout)["ok"])
+
+
+def test_quiet_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """--quiet prints one line like pg_isready, with the same exit status."""
+    url = f"postgresql+psycopg://app@127.0.0.1:{free_port()}/shop"
+    status, out, _ = check(capsys, url, "--quiet", json_out=False)
+    assert (2, 1) == (status, len(out.splitlines()))
+    assert out.startswith(f"{url} - error RDB202 (TCP connect): Nothing accepts connections")
+
+
+def test_bad_port_says_it_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
+    """A port that is not a number is named as such (RDB101), not as a generic syntax error."""
+    status, _, report = check(capsys, "postgresql+psycopg://app@db.internal:54x2/shop")
+    assert (2, "RDB101") == (status, root(report))
+    assert report is not None
+    assert (
+        "The database URL has the port '54x2', which is not a number."
+        == (report["root_cause"]["message"])
+    )
+
+
+def test_table_fits_the_width_without_breaking_words(pg_url: str) -> None:
+    """Each table line fits the terminal (unless one word is longer) and CHECK cells are whole
+    words of the check's title, so the terminal never wraps a line inside a word."""
+    report = resilient_db.validate(pg_url, deadline=5)
+    titles = {w for f in report.findings for w in f.title.split()}
+    for width in (60, 80, 100):
+        text = report.render(width=width)
+        head = next(line for line in text.splitlines() if line.startswith("CODE "))
+        rows = text.split(head)[1].splitlines()[1:]
+        start, end = head.index("CHECK"), head.index("RESULT")
+        cells = {w for row in rows for w in row[start:end].split()}
+        too_long = [r for r in rows if len(r) > width and len(r[end:].split()) > 1]
+        assert (set(), []) == (cells - titles, too_long), width

@@ -256,7 +256,7 @@ def test_from_env_reads_grouped_and_top_level_settings() -> None:
         ({"RESILIENT_DB_POOL_SIZ": "3"}, "RESILIENT_DB_POOL_SIZ"),
         ({"RESILIENT_DB_NOPE": "3"}, "RESILIENT_DB_NOPE"),
         ({"RESILIENT_DB_POOL_SIZE": "many"}, "RESILIENT_DB_POOL_SIZE"),
-        ({"RESILIENT_DB_TIMEOUTS_CONNECT": "-2"}, "Timeouts.connect"),
+        ({"RESILIENT_DB_TIMEOUTS_CONNECT": "-2"}, "RESILIENT_DB_TIMEOUTS_CONNECT"),
     ],
 )
 def test_from_env_rejects_unknown_and_bad_values(env: dict[str, str], field: str) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import QueuePool
 
+from ._urls import missing_driver
 from .config import Policy
 from .errors import ConfigurationError
 
@@ -21,13 +22,18 @@ __all__ = ["driver_defaults", "engine_kwargs", "load_dialect", "merge_connect_ar
 
 def load_dialect(url: URL) -> Any:
     try:
-        return url.get_dialect()
+        dialect_cls = url.get_dialect()
     except sa_exc.NoSuchModuleError:
         raise ConfigurationError(
             "url",
             f"names an unknown dialect or driver '{url.drivername}'.",
             "Use postgresql+psycopg, postgresql+asyncpg, mysql+pymysql, mysql+aiomysql or sqlite.",
         ) from None
+    try:
+        dialect_cls.import_dbapi()
+    except ImportError as exc:  # a bare ModuleNotFoundError from inside SQLAlchemy otherwise
+        raise ConfigurationError("url", *missing_driver(url, exc)) from None
+    return dialect_cls
 
 
 def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:

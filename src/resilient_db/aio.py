@@ -41,7 +41,9 @@ from ._driver_args import engine_kwargs
 from .classify import Kind
 from .config import Policy, ValidateMode
 from .engine import (
+    _check_clock,
     _check_policy,
+    _fold_pool_kwargs,
     _parse_url,
     _startup_validate,
     _validate_mode,
@@ -93,7 +95,9 @@ def create_async_engine(
     """
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
+    _check_clock(clock)
     u, host_list, role = split_url(_parse_url(url), hosts, role)
+    policy = _fold_pool_kwargs(policy, kwargs)
     kw = engine_kwargs(u, policy, kwargs)
     try:
         engine = _sa_create_async_engine(u, **kw)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Sequence
 
@@ -18,14 +17,19 @@ __all__ = ["main"]
 # name -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("resilient_db.validation.cli", "validate a database URL and explain what is wrong"),
-    "drill": ("resilient_db.testing.drill", "rehearse an outage against a database via a proxy"),
+    "drill": (
+        "resilient_db.testing._drill_cli",
+        "rehearse an outage against a database via a proxy",
+    ),
     "demo": ("resilient_db.demo", "simulate an outage on SQLite, with and without resilient_db"),
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        message = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", message)  # no passwords
+        from ._urls import mask_text
+
+        message = mask_text(message)  # no passwords
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -25,7 +25,17 @@ __all__ = [
     "Timeouts",
 ]
 
-ValidateMode = Literal["strict", "warn", "off"]
+ValidateMode = Literal["config", "strict", "warn", "off"]
+#: The startup-check modes, in the order the docs explain them.
+VALIDATE_MODES: tuple[str, ...] = ("config", "strict", "warn", "off")
+
+# Upper bounds: far beyond any sane setting, low enough that every driver and
+# server accepts the value (PostgreSQL's statement_timeout and libpq's
+# tcp_user_timeout are 32-bit milliseconds: about 24.8 days).
+_MAX_SECONDS = 86400.0  # one day
+_MAX_CONNECTIONS = 10_000
+_MAX_ATTEMPTS = 100
+_MAX_CALLS = 100_000
 AccessMode = Literal["read-write", "read-only"]
 
 
@@ -61,7 +71,22 @@ def _check_number(
             f"Use a value {rel} {minimum:g}" + (" or None to disable." if optional else "."),
         )
     if maximum is not None and value > maximum:
-        raise ConfigurationError(qual, f"must be <= {maximum:g}, got {value!r}.", "Lower it.")
+        raise ConfigurationError(
+            qual,
+            f"must be <= {maximum:g}, got {value!r}.",
+            f"Use a value <= {maximum:g}" + (" or None to disable." if optional else "."),
+        )
+
+
+def _check_finite(name: str, value: object, *, minimum: float | None = None) -> float:
+    """``value`` as a float: finite and >= 0 (> ``minimum`` when given), or a ConfigurationError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (minimum is not None and value <= minimum):  # type: ignore[operator]
+        rel = f"> {minimum:g}" if minimum is not None else ">= 0"
+        raise ConfigurationError(
+            name, f"must be a finite number {rel}, got {value!r}.", "Pass e.g. 0.5."
+        )
+    return float(value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +114,10 @@ class Timeouts:
     call: float | None = 28.0
 
     def __post_init__(self) -> None:
-        _check_number(self, "connect", optional=True)
-        _check_number(self, "checkout")
-        _check_number(self, "statement", optional=True)
-        _check_number(self, "call", optional=True)
+        _check_number(self, "connect", optional=True, maximum=_MAX_SECONDS)
+        _check_number(self, "checkout", maximum=_MAX_SECONDS)
+        _check_number(self, "statement", optional=True, maximum=_MAX_SECONDS)
+        _check_number(self, "call", optional=True, maximum=_MAX_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +142,12 @@ class PoolPolicy:
     ping_after_idle: float | None = 1.0
 
     def __post_init__(self) -> None:
-        _check_number(self, "size", integer=True, minimum=1, strict=False)
-        _check_number(self, "max_overflow", integer=True, minimum=0, strict=False)
-        _check_number(self, "max_waiters", integer=True, minimum=0, strict=False, optional=True)
-        _check_number(self, "recycle", optional=True)
-        _check_number(self, "ping_after_idle", optional=True, strict=False)
+        conns: dict[str, Any] = {"integer": True, "strict": False, "maximum": _MAX_CONNECTIONS}
+        _check_number(self, "size", minimum=1, **conns)
+        _check_number(self, "max_overflow", minimum=0, **conns)
+        _check_number(self, "max_waiters", minimum=0, optional=True, **conns)
+        _check_number(self, "recycle", optional=True, maximum=7 * _MAX_SECONDS)
+        _check_number(self, "ping_after_idle", optional=True, strict=False, maximum=_MAX_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +165,12 @@ class RetryPolicy:
     deadline: float = 10.0
 
     def __post_init__(self) -> None:
-        _check_number(self, "attempts", integer=True, minimum=1, strict=False)
-        _check_number(self, "initial", minimum=0, strict=False)
-        _check_number(self, "max_backoff", minimum=0, strict=False)
-        _check_number(self, "deadline")
+        _check_number(
+            self, "attempts", integer=True, minimum=1, strict=False, maximum=_MAX_ATTEMPTS
+        )
+        _check_number(self, "initial", minimum=0, strict=False, maximum=_MAX_SECONDS)
+        _check_number(self, "max_backoff", minimum=0, strict=False, maximum=_MAX_SECONDS)
+        _check_number(self, "deadline", maximum=_MAX_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,16 +208,29 @@ class BreakerPolicy:
             raise ConfigurationError(
                 "BreakerPolicy.enabled", f"must be True or False, got {self.enabled!r}.", ""
             )
-        _check_number(self, "failure_threshold", integer=True, minimum=1, strict=False)
+        calls: dict[str, Any] = {
+            "integer": True,
+            "minimum": 1,
+            "strict": False,
+            "maximum": _MAX_CALLS,
+        }
+        _check_number(self, "failure_threshold", **calls)
         _check_number(self, "failure_rate", optional=True, maximum=1.0)
-        _check_number(self, "window", integer=True, minimum=1, strict=False)
-        _check_number(self, "minimum_calls", integer=True, minimum=1, strict=False)
-        _check_number(self, "slow_call", optional=True)
-        _check_number(self, "probe_after", optional=True)
-        _check_number(self, "probe_timeout")
-        _check_number(self, "reset_timeout")
-        _check_number(self, "half_open_max_calls", integer=True, minimum=1, strict=False)
-        _check_number(self, "success_threshold", integer=True, minimum=1, strict=False)
+        _check_number(self, "window", **calls)
+        _check_number(self, "minimum_calls", **calls)
+        _check_number(self, "slow_call", optional=True, maximum=_MAX_SECONDS)
+        _check_number(self, "probe_after", optional=True, maximum=_MAX_SECONDS)
+        _check_number(self, "probe_timeout", maximum=_MAX_SECONDS)
+        _check_number(self, "reset_timeout", maximum=_MAX_SECONDS)
+        _check_number(self, "half_open_max_calls", **calls)
+        _check_number(self, "success_threshold", **calls)
+        if self.failure_rate is not None and self.minimum_calls > self.window:
+            raise ConfigurationError(
+                "BreakerPolicy.minimum_calls",
+                f"is {self.minimum_calls}, more than window={self.window}: the window never "
+                "holds that many calls, so the failure rate could never open the breaker.",
+                "Use minimum_calls <= window (or a larger window).",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +251,7 @@ class Policy:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     instances: int = 1
     application_name: str | None = "resilient-db"
-    validate: ValidateMode = "warn"
+    validate: ValidateMode = "config"
     access: AccessMode = "read-write"
 
     def __post_init__(self) -> None:
@@ -227,12 +268,14 @@ class Policy:
                     f"must be a {cls.__name__}, got {type(value).__name__}.",
                     f"Pass resilient_db.{cls.__name__}(...).",
                 )
-        _check_number(self, "instances", integer=True, minimum=1, strict=False)
-        if self.validate not in ("strict", "warn", "off"):
+        _check_number(
+            self, "instances", integer=True, minimum=1, strict=False, maximum=_MAX_CONNECTIONS
+        )
+        if self.validate not in VALIDATE_MODES:
             raise ConfigurationError(
                 "Policy.validate",
-                f"must be 'strict', 'warn' or 'off', got {self.validate!r}.",
-                "Pick one of the three.",
+                f"must be 'config', 'strict', 'warn' or 'off', got {self.validate!r}.",
+                "Pick one of the four ('config', the default, refuses bad settings).",
             )
         if self.access not in ("read-write", "read-only"):
             raise ConfigurationError(
@@ -259,25 +302,24 @@ class Policy:
         typo never silently falls back to a default.
         """
         env = os.environ if environ is None else environ
-        groups: dict[str, dict[str, Any]] = {
-            "timeouts": {},
-            "pool": {},
-            "retry": {},
-            "breaker": {},
-        }
+        if not isinstance(env, Mapping):
+            raise ConfigurationError(
+                "environ",
+                f"must be a mapping of variable names to values, got {type(env).__name__}.",
+                "Pass os.environ, a dict, or nothing.",
+            )
+        if not isinstance(prefix, str):
+            raise ConfigurationError("prefix", "must be a string.", "Pass e.g. 'RESILIENT_DB_'.")
+        groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
         top: dict[str, Any] = {}
-        group_types = {
-            "timeouts": Timeouts,
-            "pool": PoolPolicy,
-            "retry": RetryPolicy,
-            "breaker": BreakerPolicy,
-        }
-        top_fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in group_types}
+        # "Timeouts.connect" -> "RESILIENT_DB_TIMEOUTS_CONNECT", to name what the user set
+        names: dict[str, str] = {}
+        top_fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _GROUPS}
         for key, raw in env.items():
-            if not key.startswith(prefix):
+            if not isinstance(key, str) or not key.startswith(prefix):
                 continue
             rest = key[len(prefix) :].lower()
-            for gname, gcls in group_types.items():
+            for gname, gcls in _GROUPS.items():
                 if rest.startswith(gname + "_"):
                     fname = rest[len(gname) + 1 :]
                     gfields = {f.name: f for f in dataclasses.fields(gcls)}
@@ -288,6 +330,7 @@ class Policy:
                             f"Use one of: {', '.join(prefix + gname.upper() + '_' + n.upper() for n in gfields)}.",  # noqa: E501
                         )
                     groups[gname][fname] = _parse(key, raw, gfields[fname].type)
+                    names[f"{gcls.__name__}.{fname}"] = key
                     break
             else:
                 if rest not in top_fields:
@@ -297,19 +340,43 @@ class Policy:
                         "Check the spelling; see docs/configuration.md for the list.",
                     )
                 top[rest] = _parse(key, raw, top_fields[rest].type)
-        return cls(
-            timeouts=Timeouts(**groups["timeouts"]),
-            pool=PoolPolicy(**groups["pool"]),
-            retry=RetryPolicy(**groups["retry"]),
-            breaker=BreakerPolicy(**groups["breaker"]),
-            **top,
-        )
+                names[f"Policy.{rest}"] = key
+        try:
+            return cls(
+                **{gname: gcls(**groups[gname]) for gname, gcls in _GROUPS.items()},
+                **top,
+            )
+        except ConfigurationError as exc:
+            var = names.get(exc.field)
+            if var is None:
+                raise
+            problem = f"{exc.problem.rstrip('.')} (it sets {exc.field})."
+            raise ConfigurationError(var, problem, exc.fix) from None
+
+
+_GROUPS: dict[str, Any] = {
+    "timeouts": Timeouts,
+    "pool": PoolPolicy,
+    "retry": RetryPolicy,
+    "breaker": BreakerPolicy,
+}
 
 
 def _parse(key: str, raw: str, annotation: Any) -> Any:
     text = str(annotation)
+    if not isinstance(raw, str):
+        raise ConfigurationError(
+            key, f"must be a string, got {type(raw).__name__}.", "Environment values are text."
+        )
     value = raw.strip()
-    if "None" in text and value.lower() in ("none", "null", ""):
+    if not value:
+        # a blank `VAR=` (compose, Kubernetes) must not switch a limit off
+        raise ConfigurationError(
+            key,
+            "is set but empty.",
+            "Give a value, write 'none' to disable an optional limit, or unset the variable.",
+        )
+    if "None" in text and value.lower() in ("none", "null"):
         return None
     try:
         if text.startswith("bool"):

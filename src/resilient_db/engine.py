@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ from ._state import (
     register,
     resilience_of,
 )
-from .config import DEFAULT_POLICY, Policy, ValidateMode
+from ._urls import masked, port_problem, scheme_problem
+from .config import DEFAULT_POLICY, VALIDATE_MODES, Policy, ValidateMode
 from .errors import ConfigurationError
 from .failover import Host, Role, split_url
 from .failover import attach as attach_failover
@@ -51,13 +53,21 @@ def _parse_url(url: str | URL) -> URL:
             "Pass e.g. 'postgresql+psycopg://user@host/db'.",
         )
     try:
-        return make_url(url)
-    except sa_exc.ArgumentError:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        port = port_problem(url)
         raise ConfigurationError(
             "url",
-            "is not a valid database URL (expected dialect+driver://user:password@host:port/db).",
-            "Check DATABASE_URL; special characters in the password must be %-encoded.",
+            port
+            or "is not a valid database URL (expected dialect+driver://user:password@host:port/db).",
+            "Give the port as a number, e.g. :5432."
+            if port
+            else "Check DATABASE_URL; special characters in the password must be %-encoded.",
         ) from None
+    scheme = scheme_problem(parsed)
+    if scheme is not None:
+        raise ConfigurationError("url", *scheme)
+    return parsed
 
 
 def _check_policy(policy: Policy | None) -> Policy:
@@ -86,9 +96,15 @@ def create_engine(
     """Create a genuine :class:`sqlalchemy.engine.Engine` with resilience attached.
 
     ``kwargs`` go to :func:`sqlalchemy.create_engine` and win over the
-    policy's defaults. ``validate`` (default: the policy's, ``"warn"``) runs
-    the startup checks: ``"strict"`` raises :class:`ConfigurationError` with
-    the whole report, ``"warn"`` logs it, ``"off"`` skips them. ``clock``
+    policy's defaults; the pool's (``pool_size``, ``max_overflow``,
+    ``pool_timeout``, ``pool_recycle``) are folded into the engine's policy, so
+    :func:`policy_of` describes the pool that runs. ``validate`` (default: the
+    policy's, ``"config"``) runs the startup checks: ``"config"`` raises
+    :class:`ConfigurationError` when a setting is wrong (bad URL, missing
+    driver, unknown host, wrong password, unknown user or database) and logs a
+    short warning when the database is merely unreachable, so the service
+    starts not ready during an outage; ``"strict"`` raises on any error,
+    ``"warn"`` only logs, ``"off"`` skips the checks. ``clock``
     (default :func:`time.monotonic`) is for tests: the breaker, retry deadline
     and idle timing read it.
 
@@ -99,7 +115,9 @@ def create_engine(
     """
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
+    _check_clock(clock)
     u, host_list, role = split_url(_parse_url(url), hosts, role)
+    policy = _fold_pool_kwargs(policy, kwargs)
     kw = engine_kwargs(u, policy, kwargs)
     try:
         engine = sqlalchemy.create_engine(u, **kw)
@@ -135,9 +153,11 @@ def create_engine(
 def _validate_mode(policy: Policy, validate: ValidateMode | None) -> ValidateMode:
     """The startup-check mode: ``validate`` if given, else the policy's; checked."""
     mode = validate if validate is not None else policy.validate
-    if mode not in ("strict", "warn", "off"):
+    if mode not in VALIDATE_MODES:
         raise ConfigurationError(
-            "validate", f"must be 'strict', 'warn' or 'off', got {mode!r}.", "Pick one."
+            "validate",
+            f"must be 'config', 'strict', 'warn' or 'off', got {mode!r}.",
+            "Pick one (the default, 'config', refuses bad settings and warns of an outage).",
         )
     return mode
 
@@ -148,7 +168,49 @@ def _startup_validate(engine: Engine, policy: Policy, validate: ValidateMode | N
         return
     from .validation import startup_check
 
-    startup_check(engine, strict=mode == "strict")
+    startup_check(engine, mode=mode)
+
+
+def _check_clock(clock: object) -> None:
+    if clock is not None and not callable(clock):
+        raise ConfigurationError(
+            "clock",
+            f"must be a callable returning seconds, got {type(clock).__name__}.",
+            "Pass e.g. time.monotonic or a test clock, or leave it out.",
+        )
+
+
+# SQLAlchemy's pool arguments and the policy field each one sets
+_POOL_KWARGS = {
+    "pool_size": ("pool", "size"),
+    "max_overflow": ("pool", "max_overflow"),
+    "pool_recycle": ("pool", "recycle"),
+    "pool_timeout": ("timeouts", "checkout"),
+}
+
+
+def _fold_pool_kwargs(policy: Policy, kwargs: dict[str, Any]) -> Policy:
+    """``policy`` with SQLAlchemy's pool arguments folded in: it describes what runs."""
+    given = {k: kwargs[k] for k in _POOL_KWARGS if k in kwargs}
+    if not given or "poolclass" in kwargs or "pool" in kwargs:
+        return policy
+    groups: dict[str, dict[str, Any]] = {"pool": {}, "timeouts": {}}
+    for key, value in given.items():
+        group, fname = _POOL_KWARGS[key]
+        if key == "pool_recycle" and isinstance(value, (int, float)) and value < 0:
+            value = None  # SQLAlchemy's "never recycle"
+        groups[group][fname] = value
+    try:
+        return dataclasses.replace(
+            policy,
+            pool=dataclasses.replace(policy.pool, **groups["pool"]),
+            timeouts=dataclasses.replace(policy.timeouts, **groups["timeouts"]),
+        )
+    except ConfigurationError as exc:
+        arg = next(k for k, (g, f) in _POOL_KWARGS.items() if exc.field.endswith(f".{f}"))
+        raise ConfigurationError(
+            arg, f"{exc.problem.rstrip('.')} (it sets {exc.field}).", exc.fix
+        ) from None
 
 
 def wrap(
@@ -181,7 +243,9 @@ def wrap(
     if name is not None and not isinstance(name, str):
         raise ConfigurationError("name", "must be a string.", "Pass a short engine name.")
     url, host_list, host_role = split_url(engine.url, hosts, role)
-    engine.url = url  # a ?host= list: the first host, so diagnostics name a real one
+    _check_clock(clock)
+    # a ?host= list: the first host, so diagnostics name a real one; secrets in the query hidden
+    engine.url = masked(url)
     label = name or default_name(engine.url)
     r = Resilience(engine, label, policy, clock=clock or time.monotonic)
     install(engine, r)

@@ -278,6 +278,12 @@ def error_context(exc: BaseException | None) -> ErrorContext | None:
     never ``__context__``: an error raised inside an ``except`` block is not caused
     by the error being handled and must not take its context.
     """
+    if exc is not None and not isinstance(exc, BaseException):
+        raise ConfigurationError(
+            "exc",
+            f"must be an exception or None, got {type(exc).__name__}.",
+            "Pass the exception you caught: error_context(exc).",
+        )
     seen: set[int] = set()
     todo = [exc]
     while todo:

@@ -25,12 +25,14 @@ is unreachable and the replica runs on its local breaker; ``ok`` otherwise.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._compat import base_pool_class, no_free_connection
@@ -153,7 +155,24 @@ def pool_stats(pool: Pool, r: Any) -> PoolStats:
     return PoolStats(kind, None, None, None, None, None, waiting)
 
 
-def _engine_and_resilience(engine: EngineLike) -> tuple[Any, Any]:
+def _engine_and_resilience(engine: EngineLike, timeout: float = 1.0) -> tuple[Any, Any]:
+    if not isinstance(getattr(engine, "sync_engine", engine), (Engine, Connection)):
+        raise ConfigurationError(
+            "engine",
+            f"must be a resilient_db Engine, Connection or AsyncEngine, got "
+            f"{type(engine).__name__}.",
+            "Pass the engine resilient_db.create_engine() returned.",
+        )
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(
+            "timeout", f"must be a positive number of seconds, got {timeout!r}.", "Pass e.g. 1."
+        )
+
     r = resilience_of(engine)
     sync = getattr(engine, "sync_engine", engine)
     return getattr(sync, "engine", sync), r
@@ -258,7 +277,7 @@ def health(engine: EngineLike, *, ping: bool = False, timeout: float = 1.0) -> H
     ``engine`` may be an Engine, a Connection, or an AsyncEngine when
     ``ping`` is False (use :func:`health_async` to ping an AsyncEngine).
     """
-    sync, r = _engine_and_resilience(engine)
+    sync, r = _engine_and_resilience(engine, timeout)
     if not ping:
         return _snapshot(sync, r)
     if r.is_async:
@@ -339,7 +358,7 @@ async def health_async(
     engine: EngineLike, *, ping: bool = False, timeout: float = 1.0
 ) -> HealthSnapshot:
     """:func:`health` for an AsyncEngine: the ping is awaited within ``timeout``."""
-    sync, r = _engine_and_resilience(engine)
+    sync, r = _engine_and_resilience(engine, timeout)
     if not ping:
         return _snapshot(sync, r)
     skip = _skip_reason(sync, r)

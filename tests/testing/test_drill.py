@@ -220,3 +220,58 @@ def test_unreachable_server_is_explained() -> None:
     assert (1, "") == (code, out)
     assert "could not set up the drill: [refused] Nothing is accepting connections" in err
     assert seconds < 10
+
+
+def test_reads_the_url_from_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a URL argument the drill reads $DATABASE_URL, as `check` does."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://app@127.0.0.1:1/x")
+    code, out, err, _ = _run(["drill", "--quiet"])
+    assert (1, "") == (code, out)
+    assert "could not set up the drill: [refused]" in err
+    monkeypatch.delenv("DATABASE_URL")
+    code, _, err, _ = _run(["drill"])
+    assert (2, "resilient-db drill: no database URL: pass one or set $DATABASE_URL\n") == (
+        code,
+        err,
+    )
+
+
+def test_policy_is_a_file_as_for_check(tmp_path: Path) -> None:
+    """--policy FILE reads a JSON policy, as `check --policy` does; a typo is a usage error."""
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"pool": {"sizee": 3}}')
+    code, out, err, _ = _run(
+        ["drill", "postgresql+psycopg://app@127.0.0.1:1/x", "--policy", str(policy)]
+    )
+    assert (2, "") == (code, out)
+    assert f"--policy {policy}: pool.sizee: is not a setting of PoolPolicy." in err
+
+
+def test_plot_draws_bins_as_steps_and_the_legend_outside() -> None:
+    """A bin's count is flat over its own interval (nothing rises before the fault) and
+    the legend sits right of the axes."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resilient_db.testing._timeline import Panel, figure
+
+    series = [
+        {"t": i * 0.5, "ok": 0, "failed": 0, "rejected": 20 if i >= 10 else 0, "timeout": 0}
+        | {"p50_ms": 1.0, "p99_ms": 2.0}
+        for i in range(16)
+    ]
+    fig = figure([Panel("p", series, 0.5, faults=[(5.0, 8.0, "refuse")])], title="t")
+    top = fig.axes[0]
+    (line,) = [ln for ln in top.get_lines() if ln.get_label() == "rejected fast"]
+    xs, ys = line.get_path().vertices.T  # the path as drawn, steps included
+    first = min(x for x, y in zip(xs, ys, strict=True) if y > 0)
+    fig.canvas.draw()
+    legend_box = top.get_legend().get_window_extent()
+    axes_box = top.get_window_extent()
+    plt.close(fig)
+    assert ("steps-post", 5.0, True) == (
+        line.get_drawstyle(),
+        first,
+        legend_box.x0 >= axes_box.x1,
+    )

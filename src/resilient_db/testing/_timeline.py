@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OUTCOMES", "Panel", "Sample", "percentile", "plot", "series"]
+__all__ = ["OUTCOMES", "Panel", "Sample", "figure", "percentile", "plot", "series"]
 
 #: Request outcomes: answered, failed with an error, rejected at once by the
 #: open breaker (or the bulkhead), or given up on by the client.
@@ -89,6 +89,27 @@ def plot(path: str, panels: Sequence[Panel], *, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(panels, title=title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _steps(panel: Panel, ys: list[float]) -> tuple[list[float], list[float]]:
+    """Bin edges and values for ``drawstyle="steps-post"``: each bin flat over its interval.
+
+    A count is drawn from its interval's start to its end, so nothing appears to
+    rise before the interval (a fault window) it belongs to.
+    """
+    ts = [b["t"] for b in panel.series]
+    if not ts:
+        return [], []
+    return [*ts, ts[-1] + panel.width], [*ys, ys[-1]]
+
+
+def figure(panels: Sequence[Panel], *, title: str) -> Any:
+    """The matplotlib Figure :func:`plot` saves (needs matplotlib with a backend set)."""
+    import matplotlib.pyplot as plt
+
     cols = len(panels)
     fig, axes = plt.subplots(
         2, cols, figsize=(max(9.0, 6.5 * cols), 6.5), sharex="col", sharey="row", squeeze=False
@@ -102,22 +123,27 @@ def plot(path: str, panels: Sequence[Panel], *, title: str) -> None:
     }
     for col, panel in enumerate(panels):
         top, bottom = axes[0][col], axes[1][col]
-        ts = [b["t"] for b in panel.series]
         for outcome in OUTCOMES:
             ys = [b[outcome] / panel.width for b in panel.series]
             if any(ys):
-                top.plot(ts, ys, color=colors[outcome], label=labels[outcome], lw=1.6)
+                top.plot(
+                    *_steps(panel, ys),
+                    color=colors[outcome],
+                    label=labels[outcome],
+                    lw=1.6,
+                    drawstyle="steps-post",
+                )
         for key, style in (("p50_ms", "-"), ("p99_ms", "--")):
             # NaN where nothing completed: a gap in the line, not a slope across it
             ys = [math.nan if b[key] is None else max(b[key], 0.01) for b in panel.series]
             if any(not math.isnan(y) for y in ys):
                 bottom.plot(
-                    ts,
-                    ys,
+                    *_steps(panel, ys),
                     style,
                     color="#1d3557",
                     label=key.replace("_ms", ""),
                     lw=1.4,
+                    drawstyle="steps-post",
                 )
         bottom.set_yscale("log")
         for ax in (top, bottom):
@@ -141,9 +167,20 @@ def plot(path: str, panels: Sequence[Panel], *, title: str) -> None:
         if col == 0:
             top.set_ylabel("requests / s")
             bottom.set_ylabel("latency, ms (log)")
-        top.legend(loc="upper right", fontsize=8)
-        bottom.legend(loc="upper right", fontsize=8)
+    for row in axes:  # one legend per row, right of the last panel: it never covers data
+        entries: dict[str, Any] = {}
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+        if entries:
+            row[-1].legend(
+                list(entries.values()),
+                list(entries),
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0.0,
+                fontsize=8,
+            )
     fig.suptitle(title + "   (red: fault window; orange bar: breaker open)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

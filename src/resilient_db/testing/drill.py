@@ -10,6 +10,7 @@ requests ok / failed / rejected fast by the breaker, p50 / p99 latency, the
 time until the breaker opened (detect) and the time from the end of the fault
 until requests succeeded again with the breaker closed (recover).
 
+The command line (``add_arguments``, ``run``) is in :mod:`._drill_cli`.
 Output: a text table on stdout (``--json`` for JSON), progress on stderr,
 ``--plot FILE.png`` for throughput and latency over time (needs matplotlib).
 Exit status 0 when the workload recovered from every fault, 1 when it did
@@ -18,10 +19,7 @@ not, 2 for a bad URL or option.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import logging
 import secrets
 import sys
 import threading
@@ -39,7 +37,7 @@ from ..errors import CircuitOpenError, ConfigurationError, PoolExhaustedError, e
 from ._timeline import Panel, Sample, percentile, plot, series
 from .dbproxy import DatabaseProxy
 
-__all__ = ["DEFAULT_SCENARIO", "DRILL_POLICY", "FAULTS", "add_arguments", "drill", "run"]
+__all__ = ["DEFAULT_SCENARIO", "DRILL_POLICY", "FAULTS", "drill", "format_table", "write_plot"]
 
 #: What each fault does to the network (the proxy applies it).
 FAULTS: dict[str, str] = {
@@ -451,108 +449,3 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         breaker_open=[(a, b) for a, b in report["breaker_open"]],
     )
     plot(path, [panel], title="resilient-db drill")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``resilient-db drill``."""
-    parser.add_argument("url", help="database URL (PostgreSQL or MySQL/MariaDB) to rehearse with")
-    parser.add_argument(
-        "--scenario",
-        default=",".join(DEFAULT_SCENARIO),
-        help=f"comma-separated faults, in order (default: %(default)s; known: {', '.join(FAULTS)})",
-    )
-    parser.add_argument(
-        "--phase-seconds",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="length of the baseline and of each fault (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=4, help="workload threads (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--latency-ms",
-        type=float,
-        default=100.0,
-        metavar="MS",
-        help="delay per packet in the latency fault (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--policy",
-        choices=("drill", "env"),
-        default="drill",
-        help="drill: short deadlines (1 s) so the drill is quick; env: your RESILIENT_DB_* policy",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="write a PNG plot (needs matplotlib)")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument(
-        "--verbose", action="store_true", help="also show resilient_db's own log messages"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``resilient-db drill``."""
-    scenario = [f.strip() for f in str(args.scenario).split(",") if f.strip()]
-    bad = [f for f in scenario if f not in FAULTS]
-    if bad or not scenario:
-        print(
-            f"resilient-db drill: unknown fault {', '.join(bad) or '(none)'}; "
-            f"choose from {', '.join(FAULTS)}",
-            file=sys.stderr,
-        )
-        return 2
-    if args.phase_seconds <= 0 or args.threads < 1 or args.latency_ms < 0:
-        print("resilient-db drill: --phase-seconds and --threads must be positive", file=sys.stderr)
-        return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                "resilient-db drill: --plot needs matplotlib: pip install 'resilient-db[plot]'",
-                file=sys.stderr,
-            )
-            return 2
-    # The drill reports breaker and connect events itself; the engine's warnings repeat
-    # them, and SQLAlchemy's pool logs a traceback for every connection the drill breaks.
-    loggers = {name: logging.getLogger(name) for name in ("resilient_db", "sqlalchemy.pool")}
-    levels = {name: lg.level for name, lg in loggers.items()}
-    if not args.verbose:
-        loggers["resilient_db"].setLevel(logging.ERROR)
-        loggers["sqlalchemy.pool"].setLevel(logging.CRITICAL)
-    try:
-        policy = Policy.from_env() if args.policy == "env" else DRILL_POLICY
-        report = drill(
-            args.url,
-            scenario=scenario,
-            phase_seconds=args.phase_seconds,
-            threads=args.threads,
-            latency=args.latency_ms / 1000.0,
-            policy=policy,
-            progress=None if args.quiet else sys.stderr,
-        )
-    except ConfigurationError as e:
-        print(f"resilient-db drill: {e}", file=sys.stderr)
-        return 2
-    except sa_exc.ArgumentError as e:
-        print(f"resilient-db drill: bad URL: {e}", file=sys.stderr)
-        return 2
-    except sa_exc.SQLAlchemyError as e:
-        ctx = error_context(e)
-        why = f"[{ctx.kind}] {ctx.diagnosis}" if ctx is not None else type(e).__name__
-        print(f"resilient-db drill: could not set up the drill: {why}", file=sys.stderr)
-        return 1
-    finally:
-        for name, lg in loggers.items():
-            lg.setLevel(levels[name])
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_table(report))
-    if args.plot:
-        write_plot(report, args.plot)
-        if not args.json:
-            print(f"plot written to {args.plot}")
-    return 0 if report["recovered"] else 1

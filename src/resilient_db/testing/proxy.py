@@ -32,6 +32,8 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
+from ..config import _check_finite
+
 __all__ = ["Fault", "FaultProxy", "ScheduleStep"]
 
 _T = TypeVar("_T")
@@ -515,16 +517,12 @@ class FaultProxy:
 
         if fault is Fault.LATENCY:
             arity(1, 2)
-            seconds = float(args[0])
-            jitter = float(args[1]) if len(args) > 1 else 0.0
-            if seconds < 0 or jitter < 0:
-                raise ValueError("latency and jitter must be >= 0")
+            seconds = _check_finite("seconds", args[0])
+            jitter = _check_finite("jitter", args[1] if len(args) > 1 else 0.0)
             return lambda: self._do_latency(seconds, jitter)
         if fault is Fault.BANDWIDTH:
             arity(1, 1)
-            bps = None if args[0] is None else float(args[0])
-            if bps is not None and bps <= 0:
-                raise ValueError("bytes_per_second must be > 0 (or None to remove the cap)")
+            bps = None if args[0] is None else _check_finite("bytes_per_second", args[0], minimum=0)
             return lambda: self._do_bandwidth(bps)
         if fault is Fault.RESET_AFTER:
             arity(1, 1)

@@ -28,6 +28,15 @@ what its failure means), :mod:`.server` (server-side checks), :mod:`.runner`
 """
 
 from .report import CHECKS, SCHEMA_VERSION, Finding, Report
-from .runner import startup_check, validate
+from .runner import CONFIG_CODES, is_configuration_error, startup_check, validate
 
-__all__ = ["CHECKS", "SCHEMA_VERSION", "Finding", "Report", "startup_check", "validate"]
+__all__ = [
+    "CHECKS",
+    "CONFIG_CODES",
+    "SCHEMA_VERSION",
+    "Finding",
+    "Report",
+    "is_configuration_error",
+    "startup_check",
+    "validate",
+]

@@ -13,18 +13,19 @@ import importlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._urls import mask_text
 from ..config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
 from ..errors import ConfigurationError
+from .report import Report
 from .runner import _validate
 
-__all__ = ["add_arguments", "load_policy", "run"]
+__all__ = ["add_arguments", "load_policy", "one_line", "run"]
 
 _GROUPS: dict[str, type[Any]] = {
     "timeouts": Timeouts,
@@ -71,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
         nargs="?",
-        help="database URL; prefer --env so the password stays out of `ps` and shell history",
+        help="database URL (default: $DATABASE_URL); prefer the environment so the password "
+        "stays out of `ps` and shell history",
     )
     parser.add_argument(
         "--env",
@@ -86,7 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='JSON or TOML file with Policy fields, e.g. {"pool": {"size": 10}, '
         '"instances": 4} (default: the RESILIENT_DB_* environment variables)',
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON")
+    out.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print one line (like pg_isready): the URL, ok/warnings/error and the root "
+        "cause; the exit status is the same",
+    )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 when there are warnings"
     )
@@ -140,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
+    elif args.quiet:
+        print(one_line(report))
     else:
         tty = sys.stdout.isatty()
         color = tty and not os.environ.get("NO_COLOR")
@@ -150,6 +162,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.strict and report.warnings:
         return EXIT_WARNINGS
     return EXIT_OK
+
+
+def one_line(report: Report) -> str:
+    """The ``--quiet`` line: ``URL - ok``, ``URL - 2 warnings (RDB502, RDB601)`` or the error."""
+    root = report.root_cause
+    if root is not None:
+        return f"{report.url} - error {root.code} ({root.title}): {_one_line(root.message)}"
+    if report.warnings:
+        n = len(report.warnings)
+        codes = ", ".join(f.code for f in report.warnings)
+        return f"{report.url} - ok, {n} warning{'s' * (n != 1)} ({codes})"
+    return f"{report.url} - ok"
 
 
 def load_policy(path: Path) -> Policy:
@@ -216,8 +240,5 @@ def _policy_from_mapping(data: Mapping[str, Any]) -> Policy:
     return Policy(**kwargs)
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
 def _one_line(text: str) -> str:
-    return " ".join(_URL_PASSWORD.sub(r"\1***@", text).split())
+    return " ".join(mask_text(text).split())

@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from ..classify import Classification, Kind, classify
 from .context import _MARGIN, _as_float, _ConnectFailed, _Facts, _first_line, _Run, _secs
+from .report import Detail
 from .server import _probe, _server_codes
 
 # --------------------------------------------------------------------------- the connection
@@ -282,7 +283,10 @@ def _check_connect(run: _Run) -> None:
             run.ok("RDB202", f"{run.target.where} accepts connections.")
         elif run.backend != "sqlite" and run.tcp_ok is None and code == "RDB204":
             run.ok("RDB202", f"{run.target.where} accepts TCP connections.")
-        run.add(code, "error", message, fix, fld, kind=c.kind.value, driver_code=c.code)
+        extra: dict[str, Detail] = {}
+        if code == "RDB201" and "temporar" in _first_line(exc).lower():
+            extra["temporary"] = True  # the resolver failed for now: an outage, not a typo
+        run.add(code, "error", message, fix, fld, kind=c.kind.value, driver_code=c.code, **extra)
         run.block(code, "connection")
         if code.startswith("RDB2") and run.backend != "sqlite":
             run.skip("RDB301", code)

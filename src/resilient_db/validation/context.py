@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import URL, Engine
 
@@ -88,6 +88,7 @@ class _Run:
         self.url: URL | None = None
         self.masked = "<invalid URL>"
         self.password: str | None = None
+        self.secrets: list[str] = []  # the password and secret query values
         self.target = Target()
         self.backend = ""
         self.driver = ""
@@ -115,9 +116,10 @@ class _Run:
         return min(connect if connect is not None else _DEFAULT_CONNECT, left)
 
     def scrub(self, text: str) -> str:
-        pw = self.password
-        if pw:
-            for form in {pw, quote(pw, safe=""), quote(pw)}:
+        secrets = {s for s in (self.password, *self.secrets) if s}
+        for pw in sorted(secrets, key=len, reverse=True):
+            forms = {pw, quote(pw, safe=""), quote(pw), quote_plus(pw)}
+            for form in sorted(forms, key=len, reverse=True):
                 if len(form) < 4:  # too short to tell from ordinary text; not a real secret
                     continue
                 if len(form) >= 8:
@@ -239,6 +241,21 @@ class _Run:
         else:
             size, overflow = self.policy.pool.size, self.policy.pool.max_overflow
         return (size + overflow) * n, f"({size} + {overflow} overflow {per})"
+
+    def others_in_use(self, current: int | None) -> int | None:
+        """Of the server's ``current`` connections, those held by others.
+
+        Not this probe's own, nor those the validated engine's pool holds now:
+        they are part of the pools' demand already.
+        """
+        if current is None:
+            return None
+        fn = getattr(self.engine.pool, "checkedout", None) if self.engine is not None else None
+        try:
+            own = max(0, int(fn())) if callable(fn) else 0
+        except Exception:  # an exotic pool
+            own = 0
+        return max(0, current - 1 - own)
 
     def recycle(self) -> float | None:
         if self.engine is not None:

@@ -19,21 +19,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
 from .._driver_args import merge_connect_args
+from .._urls import mask_url, missing_driver, port_problem, scheme_problem, secret_values
 from ..classify import Target
-from .context import _as_float, _first_line, _Run, _secs
-
-_DRIVER_PACKAGES = {
-    "psycopg": "psycopg[binary]",
-    "psycopg_async": "psycopg[binary]",
-    "psycopg2": "psycopg2-binary",
-    "asyncpg": "asyncpg",
-    "pg8000": "pg8000",
-    "pymysql": "PyMySQL",
-    "aiomysql": "aiomysql",
-    "mysqldb": "mysqlclient",
-    "asyncmy": "asyncmy",
-    "aiosqlite": "aiosqlite",
-}
+from .context import _as_float, _Run, _secs
 
 # --------------------------------------------------------------------------- URL and driver
 
@@ -52,6 +40,17 @@ def _check_url(run: _Run) -> bool:
         try:
             url = make_url(source)
         except (sa_exc.ArgumentError, ValueError, TypeError):
+            port = port_problem(source)
+            if port is not None:
+                run.add(
+                    "RDB101",
+                    "error",
+                    f"The database URL {port}",
+                    "Give the port as a number, e.g. postgresql+psycopg://app@db:5432/shop.",
+                    "url",
+                )
+                run.block("RDB101", "url", "network", "connection")
+                return False
             run.add(
                 "RDB101",
                 "error",
@@ -67,8 +66,14 @@ def _check_url(run: _Run) -> bool:
         raise TypeError(type(source).__name__)
     run.url = url
     run.password = url.password if isinstance(url.password, str) else None
-    run.masked = url.render_as_string(hide_password=True)
-    run.target = Target.from_url(url)
+    run.secrets = secret_values(url)
+    run.masked = mask_url(url)
+    scheme = scheme_problem(url)
+    if scheme is not None:
+        run.ok("RDB101", "The URL is well formed.")
+        run.add("RDB102", "error", f"The URL {scheme[0]}", scheme[1], "url")
+        run.block("RDB102", "url", "network", "connection")
+        return False
     try:
         dialect_cls = url.get_dialect()
     except sa_exc.NoSuchModuleError:
@@ -83,6 +88,7 @@ def _check_url(run: _Run) -> bool:
         )
         run.block("RDB102", "url", "network", "connection")
         return False
+    run.target = Target.from_url(url)
     run.ok("RDB101", "The URL is well formed.")
     run.backend = url.get_backend_name()
     run.driver = url.get_driver_name()
@@ -91,14 +97,8 @@ def _check_url(run: _Run) -> bool:
     try:
         dialect_cls.import_dbapi()
     except ImportError as exc:
-        pkg = _DRIVER_PACKAGES.get(run.driver, run.driver)
-        run.add(
-            "RDB103",
-            "error",
-            f"The driver '{run.driver}' is not installed ({_first_line(exc)}).",
-            f"pip install {pkg} (or resilient-db[postgres] / resilient-db[mysql]).",
-            "url",
-        )
+        problem, fix = missing_driver(url, exc)
+        run.add("RDB103", "error", f"The URL {problem}", fix, "url")
         run.block("RDB103", "url", "network", "connection")
         return False
     run.ok("RDB103", f"The driver '{run.driver}' is installed.")
@@ -251,7 +251,7 @@ def _check_statement_vs_call(run: _Run) -> None:
 
 def _check_password_on_command_line(run: _Run) -> None:
     """RDB601: a password given on the command line is visible to every local user."""
-    if run.argv_password and run.password:
+    if run.argv_password and (run.password or run.secrets):
         run.add(
             "RDB601",
             "warning",

@@ -36,6 +36,7 @@ def _check_dns(run: _Run) -> None:
             "Check the host in the URL (a typo, a missing DNS record, or a name that only "
             "resolves inside another network or VPN) and this machine's resolver.",
             "url",
+            temporary=temporary,
         )
         run.block("RDB201", "network", "connection")
         return

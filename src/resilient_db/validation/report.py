@@ -245,23 +245,41 @@ def _render(report: Report, *, color: bool, width: int, verbose: bool) -> str:
         lines.append(st(f"ROOT CAUSE {root.code} ({root.title})", "1", "31"))
         for para in (root.message, f"Fix: {root.fix}" if root.fix else ""):
             if para:
-                lines += textwrap.wrap(para, width - 2, initial_indent="  ", subsequent_indent="  ")
+                lines += textwrap.wrap(
+                    para,
+                    width - 2,
+                    initial_indent="  ",
+                    subsequent_indent="  ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
     rows = [f for f in report.findings if verbose or (f.severity != "info" and f is not root)]
     if not rows:
         return "\n".join(lines)
     lines.append("")
     title_w = max([len("CHECK")] + [len(f.title) for f in rows])
-    title_w = min(title_w, 36)
+    # a narrow terminal: wrap the CHECK column too, at spaces, never inside a word
+    longest_word = max(len(w) for f in rows for w in f.title.split())
+    title_w = max(min(title_w, 36, width - 7 - 1 - 6 - 1 - 1 - 24), longest_word, len("CHECK"))
     head = f"{'CODE':<7} {'STATUS':<6} {'CHECK':<{title_w}} RESULT"
     lines.append(st(head, "1"))
     indent = 7 + 1 + 6 + 1 + title_w + 1
-    text_w = max(30, width - indent)
+    text_w = max(20, width - indent)
     for f in rows:
-        body = textwrap.wrap(f.message, text_w) or [""]
+        body = _wrap(f.message, text_w) or [""]
         if f.fix and f.severity != "info":
-            body += textwrap.wrap(f"fix: {f.fix}", text_w)
+            body += _wrap(f"fix: {f.fix}", text_w)
+        titles = _wrap(f.title, title_w)
         label = _STATUS_LABEL[f.status]
         status = st(f"{label:<6}", *_STATUS_STYLE[f.status])
-        lines.append(f"{f.code:<7} {status} {f.title[:title_w]:<{title_w}} {body[0]}")
-        lines += [" " * indent + b for b in body[1:]]
+        for i in range(max(len(body), len(titles))):
+            left = f"{f.code:<7} {status}" if i == 0 else " " * 14
+            title = titles[i] if i < len(titles) else ""
+            text = body[i] if i < len(body) else ""
+            lines.append(f"{left} {title:<{title_w}} {text}".rstrip())
     return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` at spaces; a longer word (a URL) stays whole."""
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)

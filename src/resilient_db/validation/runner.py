@@ -21,10 +21,10 @@ from .connect import _check_connect
 from .context import _first_line, _Run
 from .local import _LOCAL_CHECKS, _check_sqlite_file, _check_url, _prepare_connect_args
 from .network import _check_dns, _check_tcp
-from .report import Report
+from .report import Finding, Report
 from .server import _SERVER_CHECKS
 
-__all__ = ["startup_check", "validate"]
+__all__ = ["CONFIG_CODES", "is_configuration_error", "startup_check", "validate"]
 
 _LOG = logging.getLogger("resilient_db")
 
@@ -47,19 +47,61 @@ def validate(
     return _validate(url_or_engine, policy=policy, deadline=deadline)
 
 
-def startup_check(engine: Engine, *, strict: bool) -> None:
+#: Root causes that are settings, not an outage: the ``"config"`` mode refuses to
+#: start on them (bad URL, missing driver, unknown host, wrong password, unknown
+#: user or database, rejected connection settings, a missing SQLite directory).
+CONFIG_CODES = frozenset(
+    {
+        "RDB101",
+        "RDB102",
+        "RDB103",
+        "RDB201",
+        "RDB301",
+        "RDB302",
+        "RDB303",
+        "RDB304",
+        "RDB307",
+        "RDB308",
+        "RDB309",
+    }
+)
+
+
+def is_configuration_error(finding: Finding) -> bool:
+    """True for an error a restart cannot fix: the ``"config"`` mode raises on it."""
+    return (
+        finding.severity == "error"
+        and finding.code in CONFIG_CODES
+        and not dict(finding.details).get("temporary")  # a DNS resolver that failed for now
+    )
+
+
+def startup_check(engine: Engine, *, mode: str = "config", strict: bool | None = None) -> None:
     """Validate ``engine`` at creation, bounded by its ``policy.retry.deadline``.
 
-    With ``strict`` an error raises :class:`ConfigurationError` whose message is
-    the whole report (root cause first, ``field`` the failing setting or
-    ``url``); otherwise errors and warnings are logged as one WARNING record on
-    the ``resilient_db`` logger, with the report in
+    ``mode`` (``strict=True`` means ``"strict"``, ``strict=False`` ``"warn"``):
+
+    - ``"config"``: raise :class:`ConfigurationError` when the root cause is a
+      setting (:data:`CONFIG_CODES`: bad URL, missing driver, unknown host,
+      wrong password, unknown user or database); log a short WARNING for
+      anything else, such as a database that is merely unreachable, so a
+      service still starts (not ready) during an outage;
+    - ``"strict"``: raise for any error;
+    - ``"warn"``: never raise, log errors and warnings.
+
+    The raised error's message is the whole report (root cause first,
+    ``field`` the failing setting or ``url``). The WARNING record is one line
+    per problem, with the full report in
     ``extra={"resilient_db_report": report.to_dict()}``.
     """
+    if strict is not None:
+        mode = "strict" if strict else "warn"
     policy = _policy_for(engine, None)
     report = _validate(engine, policy=policy, deadline=policy.retry.deadline)
     root = report.root_cause
-    if strict and root is not None:
+    if root is not None and (
+        mode == "strict" or (mode == "config" and is_configuration_error(root))
+    ):
         raise ConfigurationError(
             root.field or "url",
             f"[{root.code}] {root.message}",
@@ -68,12 +110,26 @@ def startup_check(engine: Engine, *, strict: bool) -> None:
         )
     if report.errors or report.warnings:
         _LOG.warning(
-            "resilient_db startup check: %s",
-            report.render(verbose=False),
+            "%s",
+            _concise(report, starting=mode == "config"),
             extra={"resilient_db_report": report.to_dict()},
         )
     else:
         _LOG.debug("resilient_db startup check passed: %s", report.summary())
+
+
+def _concise(report: Report, *, starting: bool) -> str:
+    """A few lines: the summary, one line per error or warning, the root cause's fix."""
+    root = report.root_cause
+    lines = [f"resilient_db startup check of {report.url}: {report.summary()}"]
+    if root is not None and starting:
+        lines[0] += "; the engine starts anyway and is not ready until the database answers"
+    for f in (*report.errors, *report.warnings):
+        text = f.message if len(f.message) <= 160 else f.message[:157] + "..."
+        lines.append(f"  {f.code} {f.title}: {text}")
+    if root is not None and root.fix:
+        lines.append(f"  fix ({root.code}): {root.fix}")
+    return "\n".join(lines)
 
 
 def _validate(

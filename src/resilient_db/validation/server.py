@@ -345,20 +345,23 @@ def _check_capacity(run: _Run) -> None:
             limit=limit,
         )
     else:
+        in_use = run.others_in_use(f.current)
+        now = f", {in_use} in use now by other sessions" if in_use is not None else ""
         run.ok(
             "RDB402",
-            f"The pools may open {demand} connections {how}; {where} allows {limit}.",
+            f"The pools may open {demand} connections {how}; {where} allows {limit}{now}.",
             demand=demand,
             limit=limit,
+            in_use=in_use,
         )
-        if f.current is not None:
-            free = limit - max(0, f.current - 1)  # not counting this probe's own connection
+        if in_use is not None:
+            free = limit - in_use
             if demand > free:
                 run.add(
                     "RDB403",
                     "warning",
                     f"Only {max(free, 0)} connection slots are free on {where} now "
-                    f"({f.current - 1} in use by others, {limit} allowed); the pools may need "
+                    f"({in_use} in use by others, {limit} allowed); the pools may need "
                     f"{demand}.",
                     "Find what holds the connections (pg_stat_activity / SHOW PROCESSLIST: "
                     "other services, leaks, idle sessions) before scaling out.",
