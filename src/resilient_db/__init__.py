@@ -20,7 +20,14 @@ from .config import (
     RetryPolicy,
     Timeouts,
 )
-from .engine import breaker_of, breaker_state, create_engine, policy_of, wrap
+from .engine import (
+    breaker_of,
+    breaker_state,
+    create_engine,
+    engine_options,
+    policy_of,
+    wrap,
+)
 from .errors import (
     AmbiguousCommitError,
     CircuitOpenError,
@@ -78,6 +85,7 @@ __all__ = [
     "classify",
     "create_async_engine",
     "create_engine",
+    "engine_options",
     "ensure_idempotency_table",
     "error_context",
     "health",
