@@ -35,8 +35,10 @@ from .errors import (
     ErrorContext,
     NoPrimaryError,
     PoolExhaustedError,
+    PortableOperationalError,
     ResilientDBError,
     error_context,
+    portable_error,
 )
 from .failover import HostStatus, hosts_of
 from .fleet import RedisBreakerStore, share_breaker
@@ -73,6 +75,7 @@ __all__ = [
     "PoolExhaustedError",
     "PoolPolicy",
     "PoolStats",
+    "PortableOperationalError",
     "RedisBreakerStore",
     "Report",
     "ResilientDBError",
@@ -93,6 +96,7 @@ __all__ = [
     "hosts_of",
     "idempotency_table",
     "policy_of",
+    "portable_error",
     "purge_idempotency_keys",
     "run_transaction",
     "run_transaction_async",
