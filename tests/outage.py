@@ -71,8 +71,10 @@ def proxied(url: str) -> Iterator[tuple[FaultProxy, str]]:
 
 
 @contextmanager
-def server(argv: list[str], env: Mapping[str, str], ready: Callable[[], bool]) -> Iterator[None]:
-    """Run ``argv`` (a service) until the test ends; wait until ``ready()``."""
+def server(
+    argv: list[str], env: Mapping[str, str], ready: Callable[[], bool], stop: int = 15
+) -> Iterator[None]:
+    """Run ``argv`` (a service) until the test ends, then send ``stop``; wait for ``ready()``."""
     proc = subprocess.Popen(
         argv,
         cwd=EXAMPLES,
@@ -90,7 +92,7 @@ def server(argv: list[str], env: Mapping[str, str], ready: Callable[[], bool]) -
             time.sleep(0.1)
         yield
     finally:
-        os.killpg(proc.pid, 15)
+        os.killpg(proc.pid, stop)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:

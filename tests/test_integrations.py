@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import signal
 import sys
 import time
 import urllib.error
@@ -25,6 +26,7 @@ import sqlalchemy as sa
 
 import resilient_db
 from resilient_db import ErrorContext, PortableOperationalError
+from resilient_db.engine import resilience_of
 from tests.outage import (
     EXAMPLES,
     POLICY_ENV,
@@ -101,6 +103,35 @@ def test_flask_sqlalchemy_engines_get_create_engine_settings(pg_url: str) -> Non
         assert (3.0, policy.pool.size, True) == facts
         assert ("5", "orders") == (params.get("connect_timeout"), engine.pool._rdb.name)
         engine.dispose()
+
+
+def test_flask_sqlalchemy_binds_are_resilient_too(pg_url: str) -> None:
+    """Every bind of SQLALCHEMY_BINDS gets the policy's pool, its own name and resilience."""
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+
+    from resilient_db.integrations.flask_sqlalchemy import init_app
+
+    app, db = Flask(__name__), SQLAlchemy()
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=pg_url,
+        SQLALCHEMY_BINDS={"reports": pg_url, "audit": {"url": pg_url, "pool_size": 2}},
+    )
+    policy = resilient_db.Policy(timeouts=resilient_db.Timeouts(checkout=4), validate="off")
+    engines = init_app(db, app, policy=policy, name="shop")
+    try:
+        seen = {
+            key: (resilience_of(e).name, e.pool.size(), e.pool.timeout())
+            for key, e in engines.items()
+        }
+        assert {
+            None: ("shop", 5, 4.0),
+            "reports": ("shop:reports", 5, 4.0),
+            "audit": ("shop:audit", 2, 4.0),
+        } == seen
+    finally:
+        for e in engines.values():
+            e.dispose()
 
 
 def test_gunicorn_preload_workers_never_share_a_connection(pg_url: str) -> None:
@@ -182,7 +213,7 @@ def celery_app(
         argv += ["--concurrency", "2", "--loglevel", "warning", "--without-gossip"]
         argv += ["--without-mingle", "--without-heartbeat"]
         try:
-            with server(argv, {**env, **POLICY_ENV}, ready):
+            with server(argv, {**env, **POLICY_ENV}, ready, stop=signal.SIGQUIT):  # cold stop
                 yield module, proxy
         finally:
             sys.modules.pop("celery_app", None)
