@@ -79,6 +79,7 @@ def test_metrics_endpoint(app: Any) -> None:
         'resilient_db_breaker_state{db_client_connection_pool_name="notes-test"',
         "db_client_operation_duration_seconds_bucket{",
         "db_client_connection_create_time_seconds_count{",
+        'service_name="notes-test"',  # target_info: the Resource names the service
     ):
         assert series in text, series
 

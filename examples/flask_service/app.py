@@ -53,17 +53,23 @@ notes = sa.Table(
 )
 
 
-def _prometheus() -> tuple[Any, Any] | None:
-    """A MeterProvider exporting to a private Prometheus registry, if the exporter is installed."""
+def _prometheus(service: str) -> tuple[Any, Any] | None:
+    """A MeterProvider exporting to a private Prometheus registry, if the exporter is installed.
+
+    Its Resource names the service (``service.name``): without one every series says
+    ``service_name="unknown_service:python3"``.
+    """
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
         from prometheus_client import CollectorRegistry
     except ImportError:
         return None
     registry = CollectorRegistry()
     reader = PrometheusMetricReader(registry=registry)
-    return MeterProvider(metric_readers=[reader]), registry
+    resource = Resource.create({"service.name": service})
+    return MeterProvider(resource=resource, metric_readers=[reader]), registry
 
 
 def create_app(environ: Mapping[str, str] | None = None) -> Flask:
@@ -72,10 +78,9 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
     policy = resilient_db.Policy.from_env(
         {k: v for k, v in env.items() if k.startswith("RESILIENT_DB_")}
     )
-    engine = resilient_db.create_engine(
-        env["DATABASE_URL"], name=env.get("SERVICE_NAME", "notes"), policy=policy
-    )
-    prom = _prometheus()
+    service = env.get("SERVICE_NAME", "notes")
+    engine = resilient_db.create_engine(env["DATABASE_URL"], name=service, policy=policy)
+    prom = _prometheus(service)
     if prom is not None:
         telemetry.instrument(engine, meter_provider=prom[0])
 

@@ -20,7 +20,14 @@ from .config import (
     RetryPolicy,
     Timeouts,
 )
-from .engine import breaker_of, breaker_state, create_engine, policy_of, wrap
+from .engine import (
+    breaker_of,
+    breaker_state,
+    create_engine,
+    engine_options,
+    policy_of,
+    wrap,
+)
 from .errors import (
     AmbiguousCommitError,
     CircuitOpenError,
@@ -28,8 +35,10 @@ from .errors import (
     ErrorContext,
     NoPrimaryError,
     PoolExhaustedError,
+    PortableOperationalError,
     ResilientDBError,
     error_context,
+    portable_error,
 )
 from .failover import HostStatus, hosts_of
 from .fleet import RedisBreakerStore, share_breaker
@@ -66,6 +75,7 @@ __all__ = [
     "PoolExhaustedError",
     "PoolPolicy",
     "PoolStats",
+    "PortableOperationalError",
     "RedisBreakerStore",
     "Report",
     "ResilientDBError",
@@ -78,6 +88,7 @@ __all__ = [
     "classify",
     "create_async_engine",
     "create_engine",
+    "engine_options",
     "ensure_idempotency_table",
     "error_context",
     "health",
@@ -85,6 +96,7 @@ __all__ = [
     "hosts_of",
     "idempotency_table",
     "policy_of",
+    "portable_error",
     "purge_idempotency_keys",
     "run_transaction",
     "run_transaction_async",

@@ -174,6 +174,16 @@ class Watchdog:
         with self._lock:
             return list(self._slots)
 
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's slots; the thread restarts with the next slot.
+
+        The parent's sockets are shared with the child: firing one of its slots
+        here would shut down a connection the parent is using.
+        """
+        self._lock = threading.Lock()
+        self._slots = weakref.WeakSet()
+        self._thread = None
+
     def scan(self) -> int:
         """Fire every slot whose deadline has passed; returns how many fired."""
         now = self.clock()

@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
 from ._attach import install
 from ._driver_args import driver_defaults, engine_kwargs
+from ._fork import track_engine
 from ._state import (
     Resilience,
     breaker_of,
@@ -37,6 +39,7 @@ __all__ = [
     "breaker_state",
     "create_engine",
     "driver_defaults",
+    "engine_options",
     "policy_of",
     "resilience_of",
     "wrap",
@@ -134,6 +137,7 @@ def create_engine(
         clock=clock,
         hosts=host_list,
         role=role if host_list is not None else None,
+        hide_parameters=bool(kw["hide_parameters"]),
     )
     fo = resilience_of(engine).failover
     if fo is not None and mode != "off":
@@ -221,13 +225,21 @@ def wrap(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int] | Host] | None = None,
     role: Role | None = None,
+    hide_parameters: bool = True,
 ) -> Engine:
     """Attach resilience to an existing engine and return the same object.
 
-    The pool and driver settings the engine was created with are kept; use
-    :func:`create_engine` to also get resilient_db's safe defaults. ``clock``
-    replaces :func:`time.monotonic` for the breaker and retry timing (tests).
-    ``hosts`` and ``role``: as for :func:`create_engine`.
+    Everything that can be added to a built engine is: the breaker, bulkhead,
+    retries, per-call deadline and classified errors; the driver defaults of
+    :func:`driver_defaults` (connect and read timeouts, statement timeout,
+    keepalives, ``application_name``) for every new connection, where the
+    engine's ``connect_args`` or URL set none; and hidden bind parameters
+    (``hide_parameters=False`` shows them, for debugging). The pool's size,
+    overflow, checkout timeout and recycle are fixed when a pool is built: pass
+    :func:`engine_options` to :func:`sqlalchemy.create_engine` for those, or use
+    :func:`create_engine`. ``clock`` replaces :func:`time.monotonic` for the
+    breaker and retry timing (tests). ``hosts`` and ``role``: as for
+    :func:`create_engine`.
     """
     if not isinstance(engine, Engine):
         raise ConfigurationError(
@@ -248,8 +260,45 @@ def wrap(
     engine.url = masked(url)
     label = name or default_name(engine.url)
     r = Resilience(engine, label, policy, clock=clock or time.monotonic)
+    # SQLAlchemy reads it at every error and INFO echo: [parameters: ...] lines hidden
+    engine.hide_parameters = hide_parameters
+    # before install(): dialect events run in order, resilient_db's do_connect connects
+    event.listen(engine, "do_connect", _connect_defaults(driver_defaults(engine.url, policy)))
     install(engine, r)
     if host_list is not None:
         attach_failover(engine, r, host_list, host_role)
     register(engine, r)
+    track_engine(engine)  # a forked child gets a fresh pool (_fork.py)
     return engine
+
+
+def _connect_defaults(defaults: dict[str, Any]) -> Callable[..., None]:
+    """A ``do_connect`` listener giving each connect ``defaults`` the caller did not set.
+
+    The caller's ``connect_args`` and URL query are in ``cparams`` already and
+    win; libpq ``options`` and asyncpg ``server_settings`` are merged, ours first.
+    """
+
+    def add_defaults(dialect: Any, rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        for key, value in defaults.items():
+            given = cparams.get(key)
+            if given is None:
+                cparams[key] = value
+            elif key == "options" and "statement_timeout" not in str(given):
+                cparams[key] = f"{value} {given}"
+            elif key == "server_settings" and isinstance(given, dict):
+                cparams[key] = {**value, **given}
+
+    return add_defaults
+
+
+def engine_options(url: str | URL, policy: Policy | None = None, **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments :func:`create_engine` gives :func:`sqlalchemy.create_engine`.
+
+    For engines another library builds from options (Flask-SQLAlchemy's
+    ``SQLALCHEMY_ENGINE_OPTIONS`` / ``engine_options``): the pool size, overflow,
+    checkout timeout and recycle of ``policy``, :func:`driver_defaults` as
+    ``connect_args`` and ``hide_parameters=True``. ``kwargs`` win. Then
+    :func:`wrap` the engine with the same policy.
+    """
+    return engine_kwargs(_parse_url(url), _check_policy(policy), kwargs)

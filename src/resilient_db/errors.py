@@ -9,6 +9,7 @@ working::
     ├── CircuitOpenError               sqlalchemy.exc.OperationalError
     ├── AmbiguousCommitError           sqlalchemy.exc.OperationalError
     ├── NoPrimaryError                 sqlalchemy.exc.OperationalError
+    ├── PortableOperationalError       sqlalchemy.exc.OperationalError
     └── PoolExhaustedError             sqlalchemy.exc.TimeoutError
 
 Errors raised by drivers keep their own SQLAlchemy type; resilient_db attaches
@@ -31,8 +32,10 @@ __all__ = [
     "ErrorContext",
     "NoPrimaryError",
     "PoolExhaustedError",
+    "PortableOperationalError",
     "ResilientDBError",
     "error_context",
+    "portable_error",
 ]
 
 _CONTEXT_ATTR = "resilient_db_context"
@@ -100,6 +103,28 @@ class ErrorContext:
         data["extra"] = dict(self.extra)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ErrorContext:
+        """The context :meth:`to_dict` serialised (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["history"] = tuple(fields.get("history") or ())
+        fields["extra"] = tuple(dict(fields.get("extra") or {}).items())
+        return cls(**fields)
+
+
+def _context(context: ErrorContext | dict[str, Any] | None) -> ErrorContext | None:
+    return ErrorContext.from_dict(context) if isinstance(context, dict) else context
+
+
+def _portable_args(exc: BaseException, message: str, context: ErrorContext | None) -> None:
+    """``args`` that rebuild ``exc`` as ``type(exc)(*args)``, JSON-serialisable.
+
+    Result backends that serialise exceptions as JSON (Celery's default) store the
+    type's name and ``args`` and call ``type(*args)`` to rebuild them.
+    """
+    exc.args = (message,) if context is None else (message, context.to_dict())
+
 
 class ResilientDBError(Exception):
     """Base of every exception resilient_db raises itself."""
@@ -119,10 +144,11 @@ class _Reason(Exception):
 
 
 class _OperationalFault(ResilientDBError, sa_exc.OperationalError):
-    def __init__(self, message: str, context: ErrorContext | None = None) -> None:
+    def __init__(self, message: str, context: ErrorContext | dict[str, Any] | None = None) -> None:
         sa_exc.OperationalError.__init__(self, None, None, _Reason(message), hide_parameters=True)
         self.message = message
-        self.context = context
+        self.context = context = _context(context)
+        _portable_args(self, message, context)
         if context is not None:
             attach(self, context)
 
@@ -154,13 +180,42 @@ class NoPrimaryError(_OperationalFault):
     """
 
 
+class PortableOperationalError(_OperationalFault):
+    """A driver's database error with its context, in a form that crosses process boundaries.
+
+    A plain :class:`sqlalchemy.exc.OperationalError` cannot be rebuilt from its
+    ``args`` (Celery's JSON result backend turns it into ``builtins.Exception``)
+    and pickling drops its :class:`ErrorContext`. :func:`portable_error` turns it
+    into this one: still an ``OperationalError``, message and context kept.
+    """
+
+
+def portable_error(exc: BaseException) -> BaseException:
+    """``exc`` in a form that survives pickling and JSON result backends with its context.
+
+    A SQLAlchemy ``OperationalError``, ``InterfaceError`` or ``TimeoutError`` that
+    carries an :class:`ErrorContext` becomes a :class:`PortableOperationalError`
+    (raise it ``from exc``); anything else, resilient_db's own errors included, is
+    returned unchanged.
+    """
+    if isinstance(exc, ResilientDBError):
+        return exc
+    if not isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return exc
+    ctx = error_context(exc)
+    if ctx is None:
+        return exc
+    return PortableOperationalError(f"{type(exc).__name__}: {exc}", ctx)
+
+
 class PoolExhaustedError(ResilientDBError, sa_exc.TimeoutError):
     """No pooled connection became free in time, or too many callers were waiting."""
 
-    def __init__(self, message: str, context: ErrorContext | None = None) -> None:
+    def __init__(self, message: str, context: ErrorContext | dict[str, Any] | None = None) -> None:
         sa_exc.TimeoutError.__init__(self, message)
         self.message = message
-        self.context = context
+        self.context = context = _context(context)
+        _portable_args(self, message, context)
         if context is not None:
             attach(self, context)
 
@@ -185,6 +240,7 @@ class ConfigurationError(ResilientDBError, sa_exc.ArgumentError, ValueError):
             message += f" Fix: {fix}"
         sa_exc.ArgumentError.__init__(self, message)
         self.message = message
+        self.args = (field, problem, fix)  # type(exc)(*args) rebuilds it (Celery's JSON)
 
     def __str__(self) -> str:
         return self.message

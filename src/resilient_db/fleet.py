@@ -55,6 +55,7 @@ import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ._fork import track_store
 from ._state import breaker_of, resilience_of
 from .breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from .errors import ConfigurationError
@@ -180,6 +181,7 @@ class RedisBreakerStore:
         self.socket_timeout = _check_positive("socket_timeout", socket_timeout)
         #: Identifies this process in lease values (host:pid:random).
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.own_replica = replica is None  # a forked child then gets its own (_fork.py)
         self._secrets: tuple[str, ...] = ()
         self._owns_client = isinstance(redis, str)
         self.client = self._connect(redis) if isinstance(redis, str) else redis
@@ -283,6 +285,7 @@ class RedisBreakerStore:
                 target=self._run, name=f"resilient_db-fleet-{self.name}", daemon=True
             )
             self._thread.start()
+            track_store(self)  # a forked child restarts it (_fork.py)
         return self
 
     def close(self) -> None:
