@@ -101,7 +101,7 @@ def test_flask_sqlalchemy_engines_get_create_engine_settings(pg_url: str) -> Non
         policy = resilient_db.policy_of(engine)
         facts = (engine.pool.timeout(), engine.pool.size(), engine.hide_parameters)
         assert (3.0, policy.pool.size, True) == facts
-        assert ("5", "orders") == (params.get("connect_timeout"), engine.pool._rdb.name)
+        assert ("2", "orders") == (params.get("connect_timeout"), engine.pool._rdb.name)
         engine.dispose()
 
 

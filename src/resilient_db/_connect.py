@@ -10,14 +10,17 @@ at connect, while the breaker stays closed. The final failure carries its
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
 from . import _backoff, _compat
+from ._admission import circuit_open
 from ._state import EXITS, Resilience
-from .breaker import CLOSED
+from .breaker import CLOSED, OPEN, Rejected
 from .classify import RetryLevel, Target, classify
 from .errors import attach
 
@@ -26,6 +29,8 @@ __all__ = ["connect", "mariadb_session", "open_connection"]
 
 def connect(r: Resilience, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
     """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record)."""
+    if r.monitor is not None and r.monitor.probing:
+        _await_verdict(r)  # do not connect into a database that may have gone silent
     start = r.clock()
     try:
         return _connect_once(r, dialect, cargs, cparams, rec)
@@ -125,6 +130,21 @@ def _connect_retrying(
         wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
         attach(wrapped, ctx)
         raise wrapped from error
+
+
+def _await_verdict(r: Resilience) -> None:
+    """A probe is out: wait for its verdict (at most its budget), then connect or be rejected."""
+    m = r.monitor
+    limit = m.verdict_within()
+    if r.is_async:  # never block the event loop: poll
+        end = time.monotonic() + limit
+        while m.probing and time.monotonic() < end:
+            _compat.run_awaitable(asyncio.sleep(0.02))
+    else:
+        m.wait(limit)
+    b = r.breaker
+    if b is not None and b.state is OPEN:  # the probe found it silent
+        raise circuit_open(r, Rejected(OPEN, b.retry_in()))
 
 
 def _sleep(r: Resilience, seconds: float) -> None:

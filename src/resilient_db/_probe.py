@@ -55,6 +55,8 @@ class Monitor:
         self._lock = threading.Lock()
         #: True while a probe is out: nobody waits for a connection meanwhile
         self.probing = False
+        self._done = threading.Event()  # set while no probe is out
+        self._done.set()
         self._next_at = 0.0
         #: why the last probe found the database unreachable; None once it answers again
         self.unreachable: str | None = None
@@ -71,7 +73,16 @@ class Monitor:
             if self.probing or now < self._next_at:
                 return
             self.probing = True
+            self._done.clear()
         threading.Thread(target=self._run, name="resilient-db-probe", daemon=True).start()
+
+    def verdict_within(self) -> float:
+        """The longest a probe takes from start to verdict (its budget and the confirmation)."""
+        return self.budget + min(_CONFIRM, self.budget)
+
+    def wait(self, timeout: float) -> bool:
+        """Block until no probe is out (a thread, never the event loop); False on timeout."""
+        return self._done.wait(timeout)
 
     def _run(self) -> None:
         r = self._r()
@@ -93,6 +104,7 @@ class Monitor:
         finally:
             self._next_at = time.monotonic() + self.probe_after
             self.probing = False
+            self._done.set()
 
     def _unreachable(self, r: Resilience, reason: str) -> None:
         """No answer: open the breaker, cut the calls in flight, tell the operator."""

@@ -34,7 +34,7 @@ def pg_drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     secret = url.set(password=SENTINEL).render_as_string(hide_password=False)
     png = tmp_path_factory.mktemp("drill") / "drill.png"
     code, out, err, seconds = _run(
-        ["drill", secret, "--phase-seconds", "1.5", "--json", "--plot", str(png)]
+        ["drill", secret, "--phase-seconds", "2", "--json", "--plot", str(png)]
     )
     yield {
         "code": code,

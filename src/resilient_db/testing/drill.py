@@ -52,9 +52,7 @@ DEFAULT_SCENARIO = ("refuse", "blackhole", "reset", "latency")
 DRILL_POLICY = Policy(
     timeouts=Timeouts(connect=1.0, checkout=1.0, statement=5.0, call=1.0),
     retry=RetryPolicy(attempts=2, initial=0.05, max_backoff=0.2, deadline=2.0),
-    breaker=BreakerPolicy(
-        failure_threshold=3, reset_timeout=1.0, probe_after=0.5, probe_timeout=0.5
-    ),
+    breaker=BreakerPolicy(failure_threshold=3, reset_timeout=1, probe_after=0.3, probe_timeout=0.5),
     application_name="resilient-db-drill",
     validate="off",
 )
