@@ -152,7 +152,7 @@ W_TOO_MANY = Want(
     Kind.TOO_MANY_CONNECTIONS, RetryLevel.CONNECT, True, "connection limit is reached", "connect"
 )
 W_TERMINATED = Want(
-    Kind.ADMIN_TERMINATED, RetryLevel.TRANSACTION, True, "terminated by an administrator"
+    Kind.ADMIN_TERMINATED, RetryLevel.TRANSACTION, True, "The server ended the session on"
 )
 W_LOST = Want(Kind.DISCONNECT, RetryLevel.TRANSACTION, True, "was lost", "execute")
 W_CANCELLED = Want(

@@ -36,12 +36,24 @@ def load_dialect(url: URL) -> Any:
     return dialect_cls
 
 
+#: The share of ``Timeouts.statement`` a single lock wait may take by default.
+LOCK_WAIT_SHARE = 0.5
+
+
+def lock_wait_ms(statement: float) -> int:
+    """The default lock-wait timeout in milliseconds for a statement timeout in seconds."""
+    return max(1, int(statement * LOCK_WAIT_SHARE * 1000))
+
+
 def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     """The ``connect_args`` resilient_db applies for ``url``'s driver.
 
     Finite connect timeouts (libpq and PyMySQL wait for ever or very long), a
     read timeout where the driver has a cheap one (PyMySQL; the watchdog bounds
-    the calls of the others), a server-side statement timeout, TCP keepalives
+    the calls of the others), a server-side statement timeout, a lock-wait
+    timeout of half of it (PostgreSQL ``lock_timeout``, InnoDB
+    ``innodb_lock_wait_timeout``: a lock wait then ends as a retryable
+    ``lock_timeout`` before the statement timeout would end it), TCP keepalives
     and ``application_name``. Anything the caller set wins.
     """
     t = policy.timeouts
@@ -56,7 +68,10 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
         if t.call is not None:
             args["tcp_user_timeout"] = int(t.call * 1000)
         if t.statement is not None:
-            args["options"] = f"-c statement_timeout={int(t.statement * 1000)}"
+            args["options"] = (
+                f"-c statement_timeout={int(t.statement * 1000)} "
+                f"-c lock_timeout={lock_wait_ms(t.statement)}"
+            )
     elif backend == "postgresql" and driver == "asyncpg":
         if t.connect is not None:
             args["timeout"] = t.connect
@@ -67,6 +82,7 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
             settings["application_name"] = policy.application_name
         if t.statement is not None:
             settings["statement_timeout"] = str(int(t.statement * 1000))
+            settings["lock_timeout"] = str(lock_wait_ms(t.statement))
         if settings:
             args["server_settings"] = settings
     elif backend in ("mysql", "mariadb"):
@@ -77,6 +93,10 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
             args["write_timeout"] = max(1, round(t.call))
         if policy.application_name and driver in ("pymysql", "aiomysql"):
             args["program_name"] = policy.application_name
+        if t.statement is not None and driver in ("pymysql", "aiomysql"):
+            # whole seconds, at least 1 (0 would mean "do not wait at all")
+            wait = max(1, int(t.statement * LOCK_WAIT_SHARE))
+            args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {wait}"
     elif backend == "sqlite" and t.statement is not None:
         args["timeout"] = min(t.statement, 5.0)
     return args

@@ -11,7 +11,9 @@ usable signal on its own (see ``docs/errors.md``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as _errno
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -178,10 +180,10 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.DISCONNECT: (
         RetryLevel.TRANSACTION,
         True,
-        "The connection to {where} was lost (server restart or failover, a proxy, load "
-        "balancer or firewall reset, or an idle timeout). The transaction was not committed; "
-        "the pool was refreshed. Enable pool_pre_ping or lower pool_recycle if this happens "
-        "after idle periods.",
+        "The connection to {where} was lost: the server restarted or failed over, the "
+        "session was killed (KILL / pg_terminate_backend), or a proxy, load balancer or "
+        "firewall reset it. The transaction was not committed; the pool was refreshed, so "
+        "the next checkout gets a new connection.",
     ),
     Kind.READ_TIMEOUT: (
         RetryLevel.TRANSACTION,
@@ -199,9 +201,11 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.ADMIN_TERMINATED: (
         RetryLevel.TRANSACTION,
         True,
-        "The session on {where} was terminated by an administrator, another process "
-        "(pg_terminate_backend/KILL) or a server shutdown. The open transaction was "
-        "rolled back.",
+        "The server ended the session on {where}: a restart or shutdown (a pooled connection "
+        "that died in a fast restart fails like this on its first statement), or an "
+        "administrator or another process (pg_terminate_backend / KILL). The open "
+        "transaction was rolled back; the pool was refreshed, so the next checkout gets a "
+        "new connection.",
     ),
     Kind.IDLE_TIMEOUT: (
         RetryLevel.CONNECT,
@@ -231,8 +235,8 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
         RetryLevel.TRANSACTION,
         False,
         "Gave up waiting for a lock held by another transaction (often one left idle in a "
-        "transaction). A replay after rollback may succeed; find the blocker in "
-        "pg_stat_activity / information_schema.innodb_trx.",
+        "transaction): a lock wait, not a slow query. A replay after rollback may succeed; "
+        "find the blocker in pg_stat_activity / information_schema.innodb_trx.",
     ),
     Kind.STATEMENT_TIMEOUT: (
         RetryLevel.NEVER,
@@ -268,8 +272,8 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.CIRCUIT_OPEN: (
         RetryLevel.NEVER,
         False,
-        "The circuit breaker for {where} is open after repeated failures; calls fail fast "
-        "until a probe succeeds.",
+        "The circuit breaker for {where} is open: calls fail fast without reaching the "
+        "database.",
     ),
     Kind.CONFIGURATION: (
         RetryLevel.NEVER,
@@ -535,6 +539,29 @@ def _is_database_error(exc: BaseException) -> bool:
     )
 
 
+#: PostgreSQL's CONTEXT line for a statement waiting on a row lock (XactLockTableWait):
+#: "while updating tuple (0,1) in relation "t"", "while locking tuple ...", ...
+_PG_LOCK_WAIT = re.compile(r'while [a-z ]+\(\d+,\d+\)[a-z ]* in relation "([^"]{1,64})"')
+
+
+def _pg_lock_wait(exc: BaseException) -> str | None:
+    """The relation a PostgreSQL statement was waiting to lock, when the error says so.
+
+    psycopg and psycopg2 put the CONTEXT line in the message; asyncpg keeps it in
+    the exception's ``context`` attribute.
+    """
+    for e in _chain(exc):
+        if isinstance(e, sa_exc.StatementError):
+            continue
+        texts = [getattr(e, "context", None), getattr(getattr(e, "diag", None), "context", None)]
+        with contextlib.suppress(Exception):
+            texts.append(str(e))
+        for text in texts:
+            if isinstance(text, str) and (m := _PG_LOCK_WAIT.search(text)) is not None:
+                return m.group(1)
+    return None
+
+
 def _kind_from_pg(code: str, text: str) -> Kind | None:
     if code == "57014":
         if "statement timeout" in text:
@@ -695,11 +722,26 @@ def classify(
     if phase == "commit" and kind in _CONNECTION_LOSS:
         kind = Kind.AMBIGUOUS_COMMIT
     assert kind is not None
+    on = ""
+    if kind in (Kind.STATEMENT_TIMEOUT, Kind.LOCK_TIMEOUT) and code in ("57014", "55P03"):
+        relation = _pg_lock_wait(exc)
+        if relation is not None:
+            # a statement timeout that struck while the statement waited for a lock
+            kind = Kind.LOCK_TIMEOUT
+            on = f' on a row of "{relation}"'.replace("{", "{{").replace("}", "}}")
     retry, counts, template = _RULES[kind]
     # the breaker judges whether the database can be reached: only a failed attempt to
     # reach it counts (a fresh connection; a probe). A lost session does not: the pool
     # reconnects, and that connect counts if the database is really gone.
     counts = counts and phase in (None, "connect")
+    if kind is Kind.LOCK_TIMEOUT:
+        template = _lock_template(template, code, target, on)
+    elif kind is Kind.DISCONNECT and code == "2006":
+        # "gone away" on a connection's first use: it is the idle case that advice fits
+        template += (
+            " If it follows idle periods, the server's wait_timeout closed it: keep "
+            "PoolPolicy.ping_after_idle on and recycle below wait_timeout."
+        )
     if phase == "connect" and kind in _CONNECTION_LOSS:
         retry = RetryLevel.CONNECT
     if kind is Kind.IDLE_TIMEOUT and code == "25P03":
@@ -724,6 +766,29 @@ def classify(
         code=code,
         diagnosis=_format(template, target),
     )
+
+
+def _lock_template(template: str, code: str | None, target: Target | None, on: str) -> str:
+    """The lock-wait diagnosis: what ended the wait, on what, and where to find the blocker."""
+    dialect = target.dialect if target is not None else None
+    template = template.replace("a lock held", f"a lock{on} held")
+    if code == "57014":
+        template = template.replace(
+            "Gave up waiting", "The statement timeout cancelled the statement while it waited"
+        )
+    if dialect == "postgresql" or (dialect is None and code in ("57014", "55P03")):
+        blocker = (
+            "find the blocker in pg_stat_activity (pg_blocking_pids() of a waiting session; "
+            "often one 'idle in transaction')."
+        )
+    elif dialect in ("mysql", "mariadb") or code == "1205":
+        blocker = "find the blocker in information_schema.innodb_trx / innodb_lock_waits."
+    elif dialect == "sqlite":
+        blocker = "another connection held the database's write lock past the busy timeout."
+    else:
+        return template
+    head, _sep, _tail = template.rpartition("; ")
+    return f"{head}; {blocker}"
 
 
 def _is_python_level(exc: BaseException) -> bool:
