@@ -272,8 +272,7 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.CIRCUIT_OPEN: (
         RetryLevel.NEVER,
         False,
-        "The circuit breaker for {where} is open: calls fail fast without reaching the "
-        "database.",
+        "The circuit breaker for {where} is open: calls fail fast without reaching the database.",
     ),
     Kind.CONFIGURATION: (
         RetryLevel.NEVER,
