@@ -181,9 +181,10 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
         RetryLevel.TRANSACTION,
         True,
         "The connection to {where} was lost: the server restarted or failed over, the "
-        "session was killed (KILL / pg_terminate_backend), or a proxy, load balancer or "
-        "firewall reset it. The transaction was not committed; the pool was refreshed, so "
-        "the next checkout gets a new connection.",
+        "session was killed (KILL / pg_terminate_backend) or timed out idle "
+        "(idle_session_timeout, wait_timeout), or a proxy, load balancer or firewall reset "
+        "it. The transaction was not committed; the pool was refreshed, so the next "
+        "checkout gets a new connection.",
     ),
     Kind.READ_TIMEOUT: (
         RetryLevel.TRANSACTION,
