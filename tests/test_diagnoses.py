@@ -351,7 +351,7 @@ def test_forced_open_breaker_does_not_claim_repeated_failures(sqlite_url: str) -
     ctx = error_context(exc)
     assert ctx is not None
     assert "repeated failures" not in ctx.diagnosis
-    assert "when an operator closes it" in ctx.diagnosis
+    assert "was forced open by an operator" in ctx.diagnosis
 
 
 class _SteppingClock:
@@ -384,3 +384,63 @@ def test_a_slow_single_connect_attempt_is_not_logged_as_at_once(
     message = record.getMessage()
     assert "at once" not in message
     assert f"after 1 attempt in {ctx.elapsed:.2f}s" in message
+
+
+# --------------------------------------------------------------------------- the caller's own
+
+
+def test_caller_init_command_statement_time_wins(mariadb_url: str) -> None:
+    """max_statement_time set by the caller's init_command is not overwritten by the policy's."""
+    engine = resilient_db.create_engine(
+        mariadb_url,
+        policy=POLICY,
+        connect_args={"init_command": "SET SESSION max_statement_time=1"},
+    )
+    try:
+        with engine.connect() as c:
+            got = c.execute(sa.text("SELECT @@session.max_statement_time")).scalar()
+    finally:
+        engine.dispose()
+    assert 1 == got
+
+
+@pytest.mark.parametrize(
+    ("driver", "fixture", "attribute"),
+    [
+        ("postgresql+psycopg", "pg_url", "sqlstate"),
+        ("postgresql+psycopg2", "pg_url", "pgcode"),
+        ("mysql+pymysql", "mariadb_url", "args"),
+    ],
+)
+def test_ambiguous_commit_orig_is_the_driver_error(
+    driver: str, fixture: str, attribute: str, request: pytest.FixtureRequest
+) -> None:
+    """AmbiguousCommitError.orig is the driver's own error, as on any DBAPIError."""
+    from resilient_db.testing import FaultProxy
+
+    base = sa.make_url(request.getfixturevalue(fixture)).set(drivername=driver)
+    table = f"rdb_amb_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as c:
+        c.execute(sa.text(f"CREATE TABLE {table} (id int PRIMARY KEY)"))
+    try:
+        with FaultProxy(base.host or "127.0.0.1", base.port or 0) as proxy:
+            engine = resilient_db.create_engine(base.set(port=proxy.port), policy=POLICY)
+            try:
+                with engine.connect() as c:
+                    c.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))
+                    proxy.drop_commit_reply()
+                    exc = _raised(c.commit)
+            finally:
+                engine.dispose()
+    finally:
+        with admin.begin() as c:
+            c.execute(sa.text(f"DROP TABLE {table}"))
+        admin.dispose()
+    assert isinstance(exc, resilient_db.AmbiguousCommitError)
+    module = driver.split("+")[1]
+    assert (module, True, True) == (
+        type(exc.orig).__module__.split(".")[0],
+        hasattr(exc.orig, attribute),
+        exc.connection_invalidated,
+    )

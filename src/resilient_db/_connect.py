@@ -135,11 +135,17 @@ def _sleep(r: Resilience, seconds: float) -> None:
 
 
 def mariadb_session(r: Resilience) -> Callable[[Any, Any], None]:
-    """Pool ``connect`` listener: MariaDB's server-side statement timeout."""
+    """Pool ``connect`` listener: MariaDB's server-side statement timeout.
+
+    A ``max_statement_time`` the caller's own ``init_command`` sets wins: this
+    listener runs after it, so it then leaves the session alone.
+    """
 
     def listener(dbapi_connection: Any, record: Any) -> None:
         statement = r.policy.timeouts.statement
         if statement is None or not getattr(r.dialect, "is_mariadb", False):
+            return
+        if _init_command_sets(dbapi_connection, "max_statement_time"):
             return
         cursor = dbapi_connection.cursor()
         try:
@@ -148,3 +154,12 @@ def mariadb_session(r: Resilience) -> Callable[[Any, Any], None]:
             cursor.close()
 
     return listener
+
+
+def _init_command_sets(dbapi_connection: Any, name: str) -> bool:
+    """True when the connection's ``init_command`` (PyMySQL, aiomysql) mentions ``name``."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    command = getattr(driver, "init_command", None)
+    if isinstance(command, bytes):
+        command = command.decode("utf-8", "replace")
+    return isinstance(command, str) and name in command.lower()

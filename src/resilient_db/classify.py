@@ -11,9 +11,7 @@ usable signal on its own (see ``docs/errors.md``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno as _errno
-import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -22,6 +20,8 @@ from enum import Enum
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
+
+from ._lock_wait import GONE_AWAY, lock_template, pg_lock_wait
 
 __all__ = ["Classification", "Kind", "RetryLevel", "Target", "classify"]
 
@@ -362,45 +362,13 @@ _MY_CODES: dict[int, Kind] = {
     1041: Kind.DISK_FULL,
 }
 # server-side statement errors that are the application's fault
-_MY_APPLICATION = {
-    1022,
-    1048,
-    1051,
-    1054,
-    1062,
-    1064,
-    1065,
-    1091,
-    1110,
-    1136,
-    1142,
-    1143,
-    1146,
-    1149,
-    1166,
-    1169,
-    1216,
-    1217,
-    1264,
-    1292,
-    1364,
-    1366,
-    1406,
-    1451,
-    1452,
-    1690,
-    3819,
-    4025,
-    1050,
-    1060,
-    1061,
-    1068,
-    1072,
-    1075,
-    1171,
-    1227,
-    1265,
-}
+# fmt: off
+_MY_APPLICATION = frozenset({
+    1022, 1048, 1051, 1054, 1062, 1064, 1065, 1091, 1110, 1136, 1142, 1143, 1146, 1149,
+    1166, 1169, 1216, 1217, 1264, 1292, 1364, 1366, 1406, 1451, 1452, 1690, 3819, 4025,
+    1050, 1060, 1061, 1068, 1072, 1075, 1171, 1227, 1265,
+})
+# fmt: on
 
 # message fragments (lower case) -> kind, for errors without a code (libpq at connect)
 _TEXT_RULES: tuple[tuple[str, Kind], ...] = (
@@ -537,29 +505,6 @@ def _is_database_error(exc: BaseException) -> bool:
         or type(e).__module__.startswith(_DRIVER_MODULES)
         for e in _chain(exc)
     )
-
-
-#: PostgreSQL's CONTEXT line for a statement waiting on a row lock (XactLockTableWait):
-#: "while updating tuple (0,1) in relation "t"", "while locking tuple ...", ...
-_PG_LOCK_WAIT = re.compile(r'while [a-z ]+\(\d+,\d+\)[a-z ]* in relation "([^"]{1,64})"')
-
-
-def _pg_lock_wait(exc: BaseException) -> str | None:
-    """The relation a PostgreSQL statement was waiting to lock, when the error says so.
-
-    psycopg and psycopg2 put the CONTEXT line in the message; asyncpg keeps it in
-    the exception's ``context`` attribute.
-    """
-    for e in _chain(exc):
-        if isinstance(e, sa_exc.StatementError):
-            continue
-        texts = [getattr(e, "context", None), getattr(getattr(e, "diag", None), "context", None)]
-        with contextlib.suppress(Exception):
-            texts.append(str(e))
-        for text in texts:
-            if isinstance(text, str) and (m := _PG_LOCK_WAIT.search(text)) is not None:
-                return m.group(1)
-    return None
 
 
 def _kind_from_pg(code: str, text: str) -> Kind | None:
@@ -722,26 +667,12 @@ def classify(
     if phase == "commit" and kind in _CONNECTION_LOSS:
         kind = Kind.AMBIGUOUS_COMMIT
     assert kind is not None
-    on = ""
-    if kind in (Kind.STATEMENT_TIMEOUT, Kind.LOCK_TIMEOUT) and code in ("57014", "55P03"):
-        relation = _pg_lock_wait(exc)
-        if relation is not None:
-            # a statement timeout that struck while the statement waited for a lock
-            kind = Kind.LOCK_TIMEOUT
-            on = f' on a row of "{relation}"'.replace("{", "{{").replace("}", "}}")
-    retry, counts, template = _RULES[kind]
+    kind, template = _template(kind, code, exc, target)
+    retry, counts, _ = _RULES[kind]
     # the breaker judges whether the database can be reached: only a failed attempt to
     # reach it counts (a fresh connection; a probe). A lost session does not: the pool
     # reconnects, and that connect counts if the database is really gone.
     counts = counts and phase in (None, "connect")
-    if kind is Kind.LOCK_TIMEOUT:
-        template = _lock_template(template, code, target, on)
-    elif kind is Kind.DISCONNECT and code == "2006":
-        # "gone away" on a connection's first use: it is the idle case that advice fits
-        template += (
-            " If it follows idle periods, the server's wait_timeout closed it: keep "
-            "PoolPolicy.ping_after_idle on and recycle below wait_timeout."
-        )
     if phase == "connect" and kind in _CONNECTION_LOSS:
         retry = RetryLevel.CONNECT
     if kind is Kind.IDLE_TIMEOUT and code == "25P03":
@@ -768,27 +699,24 @@ def classify(
     )
 
 
-def _lock_template(template: str, code: str | None, target: Target | None, on: str) -> str:
-    """The lock-wait diagnosis: what ended the wait, on what, and where to find the blocker."""
-    dialect = target.dialect if target is not None else None
-    template = template.replace("a lock held", f"a lock{on} held")
-    if code == "57014":
-        template = template.replace(
-            "Gave up waiting", "The statement timeout cancelled the statement while it waited"
-        )
-    if dialect == "postgresql" or (dialect is None and code in ("57014", "55P03")):
-        blocker = (
-            "find the blocker in pg_stat_activity (pg_blocking_pids() of a waiting session; "
-            "often one 'idle in transaction')."
-        )
-    elif dialect in ("mysql", "mariadb") or code == "1205":
-        blocker = "find the blocker in information_schema.innodb_trx / innodb_lock_waits."
-    elif dialect == "sqlite":
-        blocker = "another connection held the database's write lock past the busy timeout."
-    else:
-        return template
-    head, _sep, _tail = template.rpartition("; ")
-    return f"{head}; {blocker}"
+def _template(
+    kind: Kind, code: str | None, exc: BaseException, target: Target | None
+) -> tuple[Kind, str]:
+    """The kind (a statement timeout in a lock wait is a lock wait) and its diagnosis."""
+    on = ""
+    if kind in (Kind.STATEMENT_TIMEOUT, Kind.LOCK_TIMEOUT) and code in ("57014", "55P03"):
+        relation = pg_lock_wait(_chain(exc))
+        if relation is not None:
+            # a statement timeout that struck while the statement waited for a lock
+            kind = Kind.LOCK_TIMEOUT
+            on = f' on a row of "{relation}"'.replace("{", "{{").replace("}", "}}")
+    template = _RULES[kind][2]
+    if kind is Kind.LOCK_TIMEOUT:
+        template = lock_template(template, code, target.dialect if target else None, on)
+    elif kind is Kind.DISCONNECT and code == "2006":
+        # "gone away" on a connection's first use: it is the idle case that advice fits
+        template += GONE_AWAY
+    return kind, template
 
 
 def _is_python_level(exc: BaseException) -> bool:
