@@ -179,7 +179,7 @@ def test_unit_of_work_replays_a_lock_wait(pg_url: str, pg_table: str) -> None:
 
 
 def test_caller_lock_settings_win(pg_url: str, mariadb_url: str) -> None:
-    """A lock_timeout in the caller's options, or the caller's init_command, wins."""
+    """A lock_timeout in the caller's options, or in the caller's init_command, wins."""
     pg = resilient_db.create_engine(
         pg_url, policy=POLICY, connect_args={"options": "-c lock_timeout=7000"}
     )
@@ -444,3 +444,18 @@ def test_ambiguous_commit_orig_is_the_driver_error(
         hasattr(exc.orig, attribute),
         exc.connection_invalidated,
     )
+
+
+def test_caller_init_command_keeps_the_lock_wait_default(mariadb_url: str) -> None:
+    """An init_command that sets something else leaves both session defaults in place."""
+    engine = resilient_db.create_engine(
+        mariadb_url, policy=POLICY, connect_args={"init_command": "SET SESSION sql_mode = ''"}
+    )
+    try:
+        with engine.connect() as c:
+            got = c.execute(
+                sa.text("SELECT @@innodb_lock_wait_timeout, @@session.max_statement_time")
+            ).one()
+    finally:
+        engine.dispose()
+    assert (1, 2.0) == tuple(got)

@@ -17,7 +17,14 @@ from ._urls import missing_driver
 from .config import Policy
 from .errors import ConfigurationError
 
-__all__ = ["driver_defaults", "engine_kwargs", "load_dialect", "merge_connect_args"]
+__all__ = [
+    "driver_defaults",
+    "engine_kwargs",
+    "load_dialect",
+    "lock_wait_ms",
+    "lock_wait_seconds",
+    "merge_connect_args",
+]
 
 
 def load_dialect(url: URL) -> Any:
@@ -45,15 +52,21 @@ def lock_wait_ms(statement: float) -> int:
     return max(1, int(statement * LOCK_WAIT_SHARE * 1000))
 
 
+def lock_wait_seconds(statement: float) -> int:
+    """InnoDB's lock-wait timeout: whole seconds, at least 1 (0 would mean "never wait")."""
+    return max(1, int(statement * LOCK_WAIT_SHARE))
+
+
 def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     """The ``connect_args`` resilient_db applies for ``url``'s driver.
 
     Finite connect timeouts (libpq and PyMySQL wait for ever or very long), a
     read timeout where the driver has a cheap one (PyMySQL; the watchdog bounds
     the calls of the others), a server-side statement timeout, a lock-wait
-    timeout of half of it (PostgreSQL ``lock_timeout``, InnoDB
-    ``innodb_lock_wait_timeout``: a lock wait then ends as a retryable
-    ``lock_timeout`` before the statement timeout would end it), TCP keepalives
+    timeout of half of it (PostgreSQL ``lock_timeout``; InnoDB's
+    ``innodb_lock_wait_timeout`` is set with ``max_statement_time`` when the
+    connection opens, see ``_connect.py``), so a lock wait ends as a retryable
+    ``lock_timeout`` before the statement timeout would end it, TCP keepalives
     and ``application_name``. Anything the caller set wins.
     """
     t = policy.timeouts
@@ -93,10 +106,6 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
             args["write_timeout"] = max(1, round(t.call))
         if policy.application_name and driver in ("pymysql", "aiomysql"):
             args["program_name"] = policy.application_name
-        if t.statement is not None and driver in ("pymysql", "aiomysql"):
-            # whole seconds, at least 1 (0 would mean "do not wait at all")
-            wait = max(1, int(t.statement * LOCK_WAIT_SHARE))
-            args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {wait}"
     elif backend == "sqlite" and t.statement is not None:
         args["timeout"] = min(t.statement, 5.0)
     return args
