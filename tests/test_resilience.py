@@ -915,7 +915,7 @@ def test_manual_control(sqlite_url: str) -> None:
         engine.connect()
     ctx = ctx_of(e.value)
     assert (None, True) == (ctx.retry_in, b.snapshot().forced)
-    assert "when an operator closes it" in ctx.diagnosis
+    assert "forced open by an operator" in ctx.diagnosis
     b.force_close()
     assert 1 == select_one(engine)
     b.force_open()
