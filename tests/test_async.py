@@ -36,6 +36,7 @@ from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import driver_defaults, resilience_of
 from resilient_db.testing import ManualClock
 from resilient_db.testing.proxy import FaultProxy
+from tests.bounded import abounded
 from tests.conftest import SENTINEL
 
 ASYNC_DRIVERS = {
@@ -313,7 +314,7 @@ async def test_silent_server_connect_times_out(async_server_url: str, proxy: Fau
     proxy.blackhole()
     t0 = time.monotonic()
     with pytest.raises(sa.exc.OperationalError) as info:
-        await select_one(engine)
+        await abounded(select_one(engine), deadline="Timeouts.connect", unblock=proxy.reset_all)
     took = time.monotonic() - t0
     assert ("connect_timeout", "connect") == (
         error_context(info.value).kind,
@@ -386,7 +387,11 @@ async def test_blackhole_mid_query_is_a_read_timeout(
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
-            await c.execute(sa.text("SELECT 2"))
+            await abounded(
+                c.execute(sa.text("SELECT 2")),
+                deadline="Timeouts.call (execute)",
+                unblock=proxy.reset_all,
+            )
         took = time.monotonic() - t0
     err = info.value
     assert ("read_timeout", "execute", True) == (
@@ -415,7 +420,9 @@ async def test_idle_ping_into_silence_fails_within_deadline(
     proxy.blackhole()
     t0 = time.monotonic()
     with pytest.raises(sa.exc.OperationalError) as info:
-        await select_one(engine)
+        await abounded(
+            select_one(engine), deadline="Timeouts.call (idle ping)", unblock=proxy.reset_all
+        )
     took = time.monotonic() - t0
     assert "connect" == error_context(info.value).phase
     assert (0, 1) == (engine.sync_engine.pool.checkedout(), breaker_of(engine).failures)  # type: ignore[attr-defined]

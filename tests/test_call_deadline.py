@@ -28,6 +28,7 @@ from resilient_db import (
 )
 from resilient_db.engine import driver_defaults
 from resilient_db.testing.proxy import FaultProxy
+from tests.bounded import abounded, bounded
 
 CALL = 0.5  # the per-call deadline of these tests
 BOUND = 3.0  # a failing call must end well before this (the watchdog ticks every 50 ms)
@@ -110,7 +111,11 @@ async def test_stream_fetch_into_silence_is_a_read_timeout(
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
-            await rows.fetchmany(200_000)
+            await abounded(
+                rows.fetchmany(200_000),
+                deadline="Timeouts.call (stream fetch)",
+                unblock=proxy.reset_all,
+            )
         took = time.monotonic() - t0
     assert ("read_timeout", True) == (
         error_context(info.value).kind,
@@ -135,7 +140,11 @@ def test_stream_results_fetch_into_silence_is_a_read_timeout(
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
-            rows.fetchmany(200_000)
+            bounded(
+                lambda: rows.fetchmany(200_000),
+                deadline="Timeouts.call (stream_results fetch)",
+                unblock=proxy.reset_all,
+            )
         took = time.monotonic() - t0
     assert ("read_timeout", True) == (
         error_context(info.value).kind,
@@ -190,7 +199,11 @@ async def test_asyncpg_execute_into_silence_is_cut_by_the_watchdog(
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
-            await c.execute(sa.text("SELECT 2"))
+            await abounded(
+                c.execute(sa.text("SELECT 2")),
+                deadline="Timeouts.call (asyncpg execute)",
+                unblock=proxy.reset_all,
+            )
     took = time.monotonic() - t0  # the failed call and the close of its connection
     assert (None, "read_timeout", "execute") == (
         command_timeout,
@@ -218,7 +231,11 @@ async def test_asyncpg_command_timeout_given_by_the_caller_wins(
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
-            await c.execute(sa.text("SELECT 2"))
+            await abounded(
+                c.execute(sa.text("SELECT 2")),
+                deadline="asyncpg command_timeout",
+                unblock=proxy.reset_all,
+            )
     took = time.monotonic() - t0  # the failed call and the close of its connection
     assert (False, "read_timeout") == (watched, error_context(info.value).kind)
     assert 1.4 < took < 1.5 + 1.0
@@ -244,7 +261,11 @@ async def test_connection_setup_into_silence_is_bounded(
     event.listen(engine.sync_engine, "connect", go_silent, insert=True)
     t0 = time.monotonic()
     with pytest.raises(sa.exc.OperationalError) as info:
-        await select_one(engine)
+        await abounded(
+            select_one(engine),
+            deadline="Timeouts.call (connection set-up)",
+            unblock=proxy.reset_all,
+        )
     took = time.monotonic() - t0
     event.remove(engine.sync_engine, "connect", go_silent)
     ctx = error_context(info.value)

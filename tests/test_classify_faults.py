@@ -14,6 +14,7 @@ throw-away servers the test user's real password *is* the SENTINEL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -152,7 +153,7 @@ W_TOO_MANY = Want(
     Kind.TOO_MANY_CONNECTIONS, RetryLevel.CONNECT, True, "connection limit is reached", "connect"
 )
 W_TERMINATED = Want(
-    Kind.ADMIN_TERMINATED, RetryLevel.TRANSACTION, True, "terminated by an administrator"
+    Kind.ADMIN_TERMINATED, RetryLevel.TRANSACTION, True, "The server ended the session on"
 )
 W_LOST = Want(Kind.DISCONNECT, RetryLevel.TRANSACTION, True, "was lost", "execute")
 W_CANCELLED = Want(
@@ -391,10 +392,17 @@ class PgBox:
     user: str
     db: str
     ro_db: str
+    #: the driver of the URLs :meth:`url` builds (test_classify_faults_drivers.py)
+    driver: str = "psycopg"
 
     def url(self, **kw: Any) -> URL:
         """URL of the test role (override any part)."""
-        args: dict[str, Any] = {"port": self.server.port, "user": self.user, "database": self.db}
+        args: dict[str, Any] = {
+            "port": self.server.port,
+            "user": self.user,
+            "database": self.db,
+            "driver": self.driver,
+        }
         args.update(kw)
         return pg_url(**args)
 
@@ -520,13 +528,20 @@ class Env:
         self.tmp_path = tmp_path
         self._cleanups: list[Callable[[], object]] = []
         self.inject_db = ""  # the database of the case being injected
+        self.pg_driver = "psycopg"  # the PostgreSQL driver of the case being injected
 
     @cached_property
     def pg(self) -> PgBox:
-        """The throw-away PostgreSQL."""
+        """The throw-away PostgreSQL (its URLs name ``pg_driver``)."""
         box = self.request.getfixturevalue("pg_box")
         assert isinstance(box, PgBox)
-        return box
+        return dataclasses.replace(box, driver=self.pg_driver)
+
+    def pg_settings(self, **settings: object) -> dict[str, Any]:
+        """``connect_args`` that set PostgreSQL session settings with the case's driver."""
+        if self.pg_driver == "asyncpg":
+            return {"server_settings": {k: str(v) for k, v in settings.items()}}
+        return {"options": " ".join(f"-c {k}={v}" for k, v in settings.items())}
 
     @cached_property
     def maria(self) -> MariaBox:
@@ -540,7 +555,12 @@ class Env:
         self._cleanups.append(fn)
 
     def engine(self, url: URL | str, policy: Policy = FAST, **kw: Any) -> Engine:
-        """A resilient engine, disposed at teardown."""
+        """A resilient engine, disposed at teardown (an asyncpg engine's ``sync_engine``:
+        the injector then runs in a greenlet, see test_classify_faults_drivers.py)."""
+        if sa.make_url(url).get_driver_name() == "asyncpg":
+            aeng = resilient_db.create_async_engine(url, policy=policy, validate="off", **kw)
+            self.defer(aeng.sync_engine.dispose)
+            return aeng.sync_engine
         eng = resilient_db.create_engine(url, policy=policy, validate="off", **kw)
         self.defer(eng.dispose)
         return eng
@@ -1017,7 +1037,8 @@ def pg_read_only(env: Env) -> Hit:
     """A database with default_transaction_read_only=on (25006, as on a hot standby)."""
     eng = env.engine(env.pg.url(database=env.pg.ro_db))
     exc = raised(lambda: execute(eng, "INSERT INTO ro_t VALUES (1, :s)", s=SENTINEL))
-    assert isinstance(exc, sa_exc.InternalError)  # not OperationalError: the class is no signal
+    if env.pg_driver != "asyncpg":  # asyncpg: a generic DBAPIError
+        assert isinstance(exc, sa_exc.InternalError)  # not OperationalError: the class is no signal
     return exc, eng
 
 
@@ -1072,7 +1093,7 @@ def pg_shutting_down(env: Env) -> Hit:
     def shutting_down() -> bool:
         try:
             probe.connect().close()
-        except sa_exc.OperationalError as e:
+        except sa_exc.DBAPIError as e:  # asyncpg: a generic DBAPIError
             return "shutting down" in str(e)
         return False
 
@@ -1270,7 +1291,7 @@ def sqlite_full(env: Env) -> Hit:
 
 def pg_idle_session(env: Env) -> Hit:
     """idle_session_timeout shorter than the pool's idle time: 57P05."""
-    eng = env.engine(env.pg.url(), connect_args={"options": "-c idle_session_timeout=200"})
+    eng = env.engine(env.pg.url(), connect_args=env.pg_settings(idle_session_timeout=200))
     assert [(1,)] == execute(eng, "SELECT 1")
     time.sleep(0.5)  # a server-side timer: no clock to inject
     return raised(lambda: execute(eng, "SELECT :s", s=SENTINEL)), eng
@@ -1279,13 +1300,16 @@ def pg_idle_session(env: Env) -> Hit:
 def pg_idle_in_transaction(env: Env) -> Hit:
     """idle_in_transaction_session_timeout inside a transaction: 25P03, the transaction is lost."""
     eng = env.engine(
-        env.pg.url(), connect_args={"options": "-c idle_in_transaction_session_timeout=200"}
+        env.pg.url(), connect_args=env.pg_settings(idle_in_transaction_session_timeout=200)
     )
     with eng.connect() as c:
         c.execute(sa.text("SELECT 1"))
         time.sleep(0.5)  # a server-side timer: no clock to inject
         exc = raised(lambda: c.execute(sa.text("SELECT :s"), {"s": SENTINEL}))
-    assert isinstance(exc, sa_exc.InternalError)
+    # psycopg: InternalError 25P03; asyncpg: a generic DBAPIError; psycopg2: a bare
+    # OperationalError "server closed the connection unexpectedly"
+    if env.pg_driver == "psycopg":
+        assert isinstance(exc, sa_exc.InternalError)
     return exc, eng
 
 

@@ -43,6 +43,7 @@ from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
 from resilient_db.testing import ManualClock
 from resilient_db.testing.proxy import FaultProxy
+from tests.bounded import bounded
 from tests.servers import (
     APP_PASSWORD,
     APP_USER,
@@ -165,7 +166,11 @@ def test_trips_on_blackhole_within_call_deadline(server_url: str, proxy: FaultPr
     for _ in range(2):
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as e:
-            select_one(engine)
+            bounded(
+                lambda: select_one(engine),
+                deadline="Timeouts.call (execute)",
+                unblock=proxy.reset_all,
+            )
         took.append(time.monotonic() - t0)
         kinds.append(ctx_of(e.value).kind)
     assert ["read_timeout", "read_timeout"] == kinds
@@ -194,7 +199,9 @@ def test_broken_connection_is_discarded_after_deadline(server_url: str, proxy: F
     warm(engine, 1)
     proxy.blackhole()
     with pytest.raises(sa.exc.OperationalError) as e:
-        select_one(engine)
+        bounded(
+            lambda: select_one(engine), deadline="Timeouts.call (execute)", unblock=proxy.reset_all
+        )
     assert e.value.connection_invalidated
     proxy.passthrough()
     before = proxy.connections_total
@@ -214,7 +221,7 @@ def test_idle_ping_into_silence_fails_within_deadline(server_url: str, proxy: Fa
     proxy.blackhole()
     t0 = time.monotonic()
     with pytest.raises(sa.exc.OperationalError) as e:
-        engine.connect()
+        bounded(engine.connect, deadline="Timeouts.call (idle ping)", unblock=proxy.reset_all)
     # the ping (at most the call deadline), then one connect attempt (2 s) into silence
     assert time.monotonic() - t0 < call + 2.0 + 0.5
     assert ("connect", OPEN) == (ctx_of(e.value).phase, breaker_of(engine).state)
@@ -352,7 +359,7 @@ def test_probe_pings_a_pooled_connection(server_url: str, proxy: FaultProxy) -> 
     clock.advance(5.0)
     t0 = time.monotonic()
     with pytest.raises(CircuitOpenError):
-        engine.connect()
+        bounded(engine.connect, deadline="Timeouts.call (probe's ping)", unblock=proxy.reset_all)
     assert time.monotonic() - t0 < call + 0.5
     snap = b.snapshot()
     assert (OPEN, 0, 2) == (snap.state, snap.probes_in_flight, snap.failures)
@@ -913,7 +920,7 @@ def test_manual_control(sqlite_url: str) -> None:
         engine.connect()
     ctx = ctx_of(e.value)
     assert (None, True) == (ctx.retry_in, b.snapshot().forced)
-    assert "when an operator closes it" in ctx.diagnosis
+    assert "forced open by an operator" in ctx.diagnosis
     b.force_close()
     assert 1 == select_one(engine)
     b.force_open()

@@ -39,12 +39,20 @@ def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
     c = r.open_verdict
     if c is None:  # the same for every rejection: classify once
         c = r.open_verdict = classify(CircuitOpenError("open"), target=r.target)
-    last = r.breaker.last_failure if r.breaker is not None else None
+    b = r.breaker
+    last = b.last_failure if b is not None else None
     retry_in = rej.retry_in
-    when = "when an operator closes it" if retry_in is None else f"in {retry_in:.2f}s"
-    diagnosis = f"{c.diagnosis} Next probe {when}."
-    if last:
-        diagnosis += f" Last failure: {last}"
+    if b is not None and b._forced:
+        diagnosis = (
+            f"The circuit breaker for {r.target.where} was forced open by an operator: "
+            "calls fail fast without reaching the database until it is closed "
+            "(force_close() or reset())."
+        )
+    else:
+        when = "when an operator closes it" if retry_in is None else f"in {retry_in:.2f}s"
+        diagnosis = f"{c.diagnosis} Next probe {when}."
+        if last:
+            diagnosis += f" Last failure: {last}"
     ctx = r.record_error(c, r.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis))
     return CircuitOpenError(
         f"Circuit breaker '{r.name}' is {rej.state}: not connecting to "

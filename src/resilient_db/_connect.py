@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from . import _backoff, _compat
 from ._admission import circuit_open
+from ._driver_args import lock_wait_seconds
 from ._state import EXITS, Resilience
 from .breaker import CLOSED, OPEN, Rejected
 from .classify import RetryLevel, Target, classify
@@ -155,16 +156,40 @@ def _sleep(r: Resilience, seconds: float) -> None:
 
 
 def mariadb_session(r: Resilience) -> Callable[[Any, Any], None]:
-    """Pool ``connect`` listener: MariaDB's server-side statement timeout."""
+    """Pool ``connect`` listener: MariaDB's statement timeout and InnoDB's lock wait.
+
+    ``max_statement_time`` (MariaDB) is ``Timeouts.statement``;
+    ``innodb_lock_wait_timeout`` half of it, so a lock wait ends as a retryable
+    ``lock_timeout`` first. A setting the caller's own ``init_command`` makes
+    wins: this listener runs after it and leaves that variable alone.
+    """
 
     def listener(dbapi_connection: Any, record: Any) -> None:
         statement = r.policy.timeouts.statement
-        if statement is None or not getattr(r.dialect, "is_mariadb", False):
+        if statement is None:
+            return
+        assignments = []
+        if getattr(r.dialect, "is_mariadb", False) and not _init_command_sets(
+            dbapi_connection, "max_statement_time"
+        ):
+            assignments.append(f"max_statement_time = {float(statement):g}")
+        if not _init_command_sets(dbapi_connection, "innodb_lock_wait_timeout"):
+            assignments.append(f"innodb_lock_wait_timeout = {lock_wait_seconds(statement)}")
+        if not assignments:
             return
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"SET SESSION max_statement_time = {float(statement):g}")
+            cursor.execute("SET SESSION " + ", ".join(assignments))
         finally:
             cursor.close()
 
     return listener
+
+
+def _init_command_sets(dbapi_connection: Any, name: str) -> bool:
+    """True when the connection's ``init_command`` (PyMySQL, aiomysql) mentions ``name``."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    command = getattr(driver, "init_command", None)
+    if isinstance(command, bytes):
+        command = command.decode("utf-8", "replace")
+    return isinstance(command, str) and name in command.lower()

@@ -17,7 +17,14 @@ from ._urls import missing_driver
 from .config import Policy
 from .errors import ConfigurationError
 
-__all__ = ["driver_defaults", "engine_kwargs", "load_dialect", "merge_connect_args"]
+__all__ = [
+    "driver_defaults",
+    "engine_kwargs",
+    "load_dialect",
+    "lock_wait_ms",
+    "lock_wait_seconds",
+    "merge_connect_args",
+]
 
 
 def load_dialect(url: URL) -> Any:
@@ -36,12 +43,30 @@ def load_dialect(url: URL) -> Any:
     return dialect_cls
 
 
+#: The share of ``Timeouts.statement`` a single lock wait may take by default.
+LOCK_WAIT_SHARE = 0.5
+
+
+def lock_wait_ms(statement: float) -> int:
+    """The default lock-wait timeout in milliseconds for a statement timeout in seconds."""
+    return max(1, int(statement * LOCK_WAIT_SHARE * 1000))
+
+
+def lock_wait_seconds(statement: float) -> int:
+    """InnoDB's lock-wait timeout: whole seconds, at least 1 (0 would mean "never wait")."""
+    return max(1, int(statement * LOCK_WAIT_SHARE))
+
+
 def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     """The ``connect_args`` resilient_db applies for ``url``'s driver.
 
     Finite connect timeouts (libpq and PyMySQL wait for ever or very long), a
     read timeout where the driver has a cheap one (PyMySQL; the watchdog bounds
-    the calls of the others), a server-side statement timeout, TCP keepalives
+    the calls of the others), a server-side statement timeout, a lock-wait
+    timeout of half of it (PostgreSQL ``lock_timeout``; InnoDB's
+    ``innodb_lock_wait_timeout`` is set with ``max_statement_time`` when the
+    connection opens, see ``_connect.py``), so a lock wait ends as a retryable
+    ``lock_timeout`` before the statement timeout would end it, TCP keepalives
     and ``application_name``. Anything the caller set wins.
     """
     t = policy.timeouts
@@ -56,7 +81,10 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
         if t.call is not None:
             args["tcp_user_timeout"] = int(t.call * 1000)
         if t.statement is not None:
-            args["options"] = f"-c statement_timeout={int(t.statement * 1000)}"
+            args["options"] = (
+                f"-c statement_timeout={int(t.statement * 1000)} "
+                f"-c lock_timeout={lock_wait_ms(t.statement)}"
+            )
     elif backend == "postgresql" and driver == "asyncpg":
         if t.connect is not None:
             args["timeout"] = t.connect
@@ -67,6 +95,7 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
             settings["application_name"] = policy.application_name
         if t.statement is not None:
             settings["statement_timeout"] = str(int(t.statement * 1000))
+            settings["lock_timeout"] = str(lock_wait_ms(t.statement))
         if settings:
             args["server_settings"] = settings
     elif backend in ("mysql", "mariadb"):

@@ -116,7 +116,9 @@ def _classified(
     ectx = r.record_error(c, r.context(c, phase=phase, target=t, diagnosis=diagnosis))
     if c.kind is Kind.AMBIGUOUS_COMMIT:
         return AmbiguousCommitError(
-            f"Engine '{r.name}': {c.diagnosis} (cause: {type(orig).__name__})", ectx
+            f"Engine '{r.name}': {c.diagnosis} (cause: {type(orig).__name__})",
+            ectx,
+            orig=orig if isinstance(orig, Exception) else None,
         )
     attach(target_exc, ectx)
     return None

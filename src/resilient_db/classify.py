@@ -21,6 +21,8 @@ from enum import Enum
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
+from ._lock_wait import GONE_AWAY, lock_template, pg_lock_wait
+
 __all__ = ["Classification", "Kind", "RetryLevel", "Target", "classify"]
 
 
@@ -178,10 +180,11 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.DISCONNECT: (
         RetryLevel.TRANSACTION,
         True,
-        "The connection to {where} was lost (server restart or failover, a proxy, load "
-        "balancer or firewall reset, or an idle timeout). The transaction was not committed; "
-        "the pool was refreshed. Enable pool_pre_ping or lower pool_recycle if this happens "
-        "after idle periods.",
+        "The connection to {where} was lost: the server restarted or failed over, the "
+        "session was killed (KILL / pg_terminate_backend) or timed out idle "
+        "(idle_session_timeout, wait_timeout), or a proxy, load balancer or firewall reset "
+        "it. The transaction was not committed; the pool was refreshed, so the next "
+        "checkout gets a new connection.",
     ),
     Kind.READ_TIMEOUT: (
         RetryLevel.TRANSACTION,
@@ -199,9 +202,11 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.ADMIN_TERMINATED: (
         RetryLevel.TRANSACTION,
         True,
-        "The session on {where} was terminated by an administrator, another process "
-        "(pg_terminate_backend/KILL) or a server shutdown. The open transaction was "
-        "rolled back.",
+        "The server ended the session on {where}: a restart or shutdown (a pooled connection "
+        "that died in a fast restart fails like this on its first statement), or an "
+        "administrator or another process (pg_terminate_backend / KILL). The open "
+        "transaction was rolled back; the pool was refreshed, so the next checkout gets a "
+        "new connection.",
     ),
     Kind.IDLE_TIMEOUT: (
         RetryLevel.CONNECT,
@@ -231,8 +236,8 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
         RetryLevel.TRANSACTION,
         False,
         "Gave up waiting for a lock held by another transaction (often one left idle in a "
-        "transaction). A replay after rollback may succeed; find the blocker in "
-        "pg_stat_activity / information_schema.innodb_trx.",
+        "transaction): a lock wait, not a slow query. A replay after rollback may succeed; "
+        "find the blocker in pg_stat_activity / information_schema.innodb_trx.",
     ),
     Kind.STATEMENT_TIMEOUT: (
         RetryLevel.NEVER,
@@ -268,8 +273,7 @@ _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
     Kind.CIRCUIT_OPEN: (
         RetryLevel.NEVER,
         False,
-        "The circuit breaker for {where} is open after repeated failures; calls fail fast "
-        "until a probe succeeds.",
+        "The circuit breaker for {where} is open: calls fail fast without reaching the database.",
     ),
     Kind.CONFIGURATION: (
         RetryLevel.NEVER,
@@ -358,45 +362,13 @@ _MY_CODES: dict[int, Kind] = {
     1041: Kind.DISK_FULL,
 }
 # server-side statement errors that are the application's fault
-_MY_APPLICATION = {
-    1022,
-    1048,
-    1051,
-    1054,
-    1062,
-    1064,
-    1065,
-    1091,
-    1110,
-    1136,
-    1142,
-    1143,
-    1146,
-    1149,
-    1166,
-    1169,
-    1216,
-    1217,
-    1264,
-    1292,
-    1364,
-    1366,
-    1406,
-    1451,
-    1452,
-    1690,
-    3819,
-    4025,
-    1050,
-    1060,
-    1061,
-    1068,
-    1072,
-    1075,
-    1171,
-    1227,
-    1265,
-}
+# fmt: off
+_MY_APPLICATION = frozenset({
+    1022, 1048, 1051, 1054, 1062, 1064, 1065, 1091, 1110, 1136, 1142, 1143, 1146, 1149,
+    1166, 1169, 1216, 1217, 1264, 1292, 1364, 1366, 1406, 1451, 1452, 1690, 3819, 4025,
+    1050, 1060, 1061, 1068, 1072, 1075, 1171, 1227, 1265,
+})
+# fmt: on
 
 # message fragments (lower case) -> kind, for errors without a code (libpq at connect)
 _TEXT_RULES: tuple[tuple[str, Kind], ...] = (
@@ -695,7 +667,8 @@ def classify(
     if phase == "commit" and kind in _CONNECTION_LOSS:
         kind = Kind.AMBIGUOUS_COMMIT
     assert kind is not None
-    retry, counts, template = _RULES[kind]
+    kind, template = _template(kind, code, exc, target)
+    retry, counts, _ = _RULES[kind]
     # the breaker judges whether the database can be reached: only a failed attempt to
     # reach it counts (a fresh connection; a probe). A lost session does not: the pool
     # reconnects, and that connect counts if the database is really gone.
@@ -724,6 +697,26 @@ def classify(
         code=code,
         diagnosis=_format(template, target),
     )
+
+
+def _template(
+    kind: Kind, code: str | None, exc: BaseException, target: Target | None
+) -> tuple[Kind, str]:
+    """The kind (a statement timeout in a lock wait is a lock wait) and its diagnosis."""
+    on = ""
+    if kind in (Kind.STATEMENT_TIMEOUT, Kind.LOCK_TIMEOUT) and code in ("57014", "55P03"):
+        relation = pg_lock_wait(_chain(exc))
+        if relation is not None:
+            # a statement timeout that struck while the statement waited for a lock
+            kind = Kind.LOCK_TIMEOUT
+            on = f' on a row of "{relation}"'.replace("{", "{{").replace("}", "}}")
+    template = _RULES[kind][2]
+    if kind is Kind.LOCK_TIMEOUT:
+        template = lock_template(template, code, target.dialect if target else None, on)
+    elif kind is Kind.DISCONNECT and code == "2006":
+        # "gone away" on a connection's first use: it is the idle case that advice fits
+        template += GONE_AWAY
+    return kind, template
 
 
 def _is_python_level(exc: BaseException) -> bool:

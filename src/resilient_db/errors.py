@@ -168,7 +168,24 @@ class CircuitOpenError(_OperationalFault):
 
 
 class AmbiguousCommitError(_OperationalFault):
-    """The connection was lost while COMMIT was in flight; the outcome is unknown."""
+    """The connection was lost while COMMIT was in flight; the outcome is unknown.
+
+    ``orig`` is the driver's error, as on any SQLAlchemy ``DBAPIError``
+    (``.orig.sqlstate``, ``.orig.pgcode``, ``.orig.args``), when the engine
+    raised it; ``connection_invalidated`` is True then.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        context: ErrorContext | None = None,
+        *,
+        orig: Exception | None = None,
+    ) -> None:
+        super().__init__(message, context)
+        if orig is not None:
+            self.orig = orig
+            self.connection_invalidated = True
 
 
 class NoPrimaryError(_OperationalFault):

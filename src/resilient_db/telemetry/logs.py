@@ -84,7 +84,9 @@ def breaker_changed(tel: EngineTelemetry, old: str, new: str, rejected: int) -> 
 
 def connect_failed(tel: EngineTelemetry, ctx: ErrorContext) -> None:
     """Log a connect that failed for good."""
-    tried = f"after {ctx.attempt} attempts in {ctx.elapsed:.2f}s" if ctx.attempt > 1 else "at once"
+    # the real time it took: a single attempt may have waited the whole connect timeout
+    attempts = f"{ctx.attempt} attempts" if ctx.attempt > 1 else "1 attempt"
+    tried = f"after {attempts} in {ctx.elapsed:.2f}s"
     logger.warning(
         "Could not connect to %s (%s, %s): %s",
         _where(ctx),

@@ -118,7 +118,8 @@ class _Run:
     def scrub(self, text: str) -> str:
         secrets = {s for s in (self.password, *self.secrets) if s}
         for pw in sorted(secrets, key=len, reverse=True):
-            forms = {pw, quote(pw, safe=""), quote(pw), quote_plus(pw)}
+            # raw, %-encoded, as SQLAlchemy renders a URL (safe=" +"), as a query value
+            forms = {pw, quote(pw, safe=""), quote(pw), quote(pw, safe=" +"), quote_plus(pw)}
             for form in sorted(forms, key=len, reverse=True):
                 if len(form) < 4:  # too short to tell from ordinary text; not a real secret
                     continue
