@@ -993,3 +993,39 @@ def test_held_values_get_no_exemplar_from_the_collecting_request(
         m = otel.metrics()
     (point,) = m["db.client.operation.duration"].data.data_points
     assert (4, []) == (point.count, list(point.exemplars))
+
+
+def _wrapped_original(fn: Any) -> Any:
+    free, cells_ = fn.__code__.co_freevars, fn.__closure__ or ()
+    cells = dict(zip(free, (c.cell_contents for c in cells_), strict=True))
+    return cells.get("original")
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_one_dialect_wrapper_whatever_the_order(db_url: str, early: bool) -> None:
+    """Telemetry times executes in the engine's one dialect wrapper, instrumented early or late."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    engine = resilient_db.create_engine(db_url, validate="off")
+    if early:
+        telemetry.instrument(engine, meter_provider=provider, timings=True)
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    telemetry.instrument(engine, meter_provider=provider, timings=True)  # again: re-wired
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    fn = engine.dialect.__dict__["do_execute"]
+    assert "guard_calls.<locals>.guard.<locals>.guarded" == fn.__qualname__
+    assert "guarded" not in _wrapped_original(fn).__qualname__  # wrapped once, not twice
+    data = reader.get_metrics_data()
+    counts = [
+        point.count
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "db.client.operation.duration"
+        for point in m.data.data_points
+    ]
+    # early: the first connection's set-up queries are timed too; late: only the one after
+    assert (sum(counts) >= 2) if early else (1 == sum(counts)), counts
+    engine.dispose()

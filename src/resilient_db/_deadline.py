@@ -10,8 +10,10 @@ breaker's slow-call threshold.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
 ]
 
 SLOT = "resilient_db.slot"  # the key of a record's watchdog slot in its info dict
+
+_perf = time.perf_counter
 
 # The slot of the connection whose set-up (the pool's connect listeners) runs in this
 # context (thread, or asyncio task: SQLAlchemy's greenlets share the task's context).
@@ -148,20 +152,28 @@ def slow(r: Resilience, info: dict[str, Any]) -> None:
 def guard_calls(dialect: Any, r: Resilience) -> None:
     """Put every driver call of this engine under the per-call deadline and slow-call clock.
 
-    Wraps this engine's own dialect instance only: ``do_execute``,
-    ``do_executemany`` and ``do_execute_no_params`` (the execution context comes
-    last), and ``do_commit`` / ``do_rollback``, which are not cursor executes
-    (psycopg would block for ever on a COMMIT sent into a silent network).
-    Wrapping the dialect costs one Python call per statement; cursor-execute
-    event listeners would make SQLAlchemy join listener collections for every
-    Connection, several microseconds per request.
+    The engine's one dialect wrapper, installed once (by the engine when it has
+    a deadline or a slow-call threshold, else by telemetry when it starts
+    timing): ``do_execute``, ``do_executemany`` and ``do_execute_no_params``
+    (the execution context comes last), also timed for telemetry while
+    ``r.exec_timer`` is set, and ``do_commit`` / ``do_rollback``, which are not
+    cursor executes (psycopg would block for ever on a COMMIT sent into a silent
+    network). Wrapping the dialect costs one Python call per statement;
+    cursor-execute event listeners would make SQLAlchemy join listener
+    collections for every Connection, several microseconds per request.
     """
+    if getattr(dialect, "_rdb_guarded_calls", False):
+        return
+    dialect._rdb_guarded_calls = True
     call = r.policy.timeouts.call if r.watch else None
     slow_call = r.slow_call
     clock = r.clock
 
     def guard(
-        original: Callable[..., Any], info_of: Callable[..., Any], rollback: bool = False
+        original: Callable[..., Any],
+        info_of: Callable[..., Any],
+        rollback: bool = False,
+        timed: bool = False,
     ) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
             # the record's info up front only for the watchdog slot; a slow call reads it after
@@ -178,11 +190,20 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
             else:
                 outer = 0.0
             t0 = clock() if slow_call is not None else 0.0
+            tel = r.exec_timer if timed else None
+            started = _perf() if tel is not None else 0.0
             try:
                 result = original(*args)
+            except BaseException:
+                if tel is not None:  # telemetry's handle_error records it with its error
+                    with contextlib.suppress(AttributeError, TypeError):
+                        args[-1]._rdb_t0 = started
+                raise
             finally:
                 if slot is not None:
                     slot.disarm(outer)
+            if tel is not None:
+                tel.operations.add(_perf() - started)
             if slot is not None:
                 slot.returned()
             if slow_call is not None and clock() - t0 > slow_call:
@@ -194,7 +215,7 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
         return guarded
 
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, guard(getattr(dialect, name), _context_info))
+        setattr(dialect, name, guard(getattr(dialect, name), _context_info, timed=True))
     dialect.do_commit = guard(dialect.do_commit, _connection_info)
     dialect.do_rollback = guard(dialect.do_rollback, _connection_info, rollback=True)
 

@@ -90,6 +90,8 @@ class Resilience:
         # the same object, set only while per-call timings are on (the hot path checks it)
         self.telemetry: Any = None
         self.timing: Any = None
+        # the telemetry timing each execute (db.client.operation.duration), or None
+        self.exec_timer: Any = None
         self.pymysql = driver == "pymysql"
         # host selection of a multi-host engine (resilient_db.failover.attach sets it)
         self.failover: Any = None

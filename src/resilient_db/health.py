@@ -372,8 +372,12 @@ async def health_async(
     with _INFLIGHT_LOCK:
         task, limit = _INFLIGHT_ASYNC.get(r, (None, timeout))
         if task is None or task.done() or task.get_loop() is not loop:
-            # the ping's own deadline: it is cancelled then even if every caller left
-            task = loop.create_task(asyncio.wait_for(_ping_async(engine), timeout))
+            # a watched connection's ping is cut by the watchdog at `timeout` (cancelling an
+            # asyncpg call into silence would wait for a cancel request that never
+            # returns); the task's own deadline is only the backstop, or the bound of an
+            # unwatched driver's ping
+            backstop = timeout + (r.policy.timeouts.connect or 2.0) + 1.0 if r.watch else timeout
+            task = loop.create_task(asyncio.wait_for(_ping_async(engine, timeout), backstop))
             task.add_done_callback(lambda t: _ping_done(r, t))
             limit = timeout
             _INFLIGHT_ASYNC[r] = (task, limit)
@@ -401,12 +405,24 @@ def _ping_done(r: Any, task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _ping_async(engine: Any) -> None:
+async def _ping_async(engine: Any, timeout: float) -> None:
     async with engine.connect() as conn:
         raw = await conn.get_raw_connection()
 
         def ping(sync_conn: Any) -> None:
-            sync_conn.dialect.do_ping(raw.dbapi_connection)
+            slot = slot_of(raw)
+            outer = slot.arm(timeout) if slot is not None else 0.0
+            try:
+                sync_conn.dialect.do_ping(raw.dbapi_connection)
+            except Exception as e:
+                if slot is not None and slot.fired:  # cut by the watchdog: silence
+                    raise TimeoutError("ping deadline") from e
+                raise
+            finally:
+                if slot is not None:
+                    slot.disarm(outer)
+                    slot.fired = False
+                    slot.cut = None
 
         try:
             await conn.run_sync(ping)

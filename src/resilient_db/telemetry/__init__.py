@@ -29,6 +29,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, Tracer, TracerProvider
 from sqlalchemy import event
 
+from .._deadline import guard_calls
 from .._state import resilience_of
 from ..classify import Classification, Kind, Target, classify
 from ..errors import ConfigurationError, ErrorContext, error_context
@@ -146,15 +147,14 @@ class EngineTelemetry:
             r.breaker.listeners.remove(self)
         if r.timing is self:
             r.timing = None
+        if r.exec_timer is self:
+            r.exec_timer = None
         if r.telemetry is self:
             r.telemetry = None
         engine = self._engine()
         if engine is not None:
             with contextlib.suppress(Exception):
                 event.remove(engine, "handle_error", self._handle_error)
-            box = getattr(engine.dialect, "_rdb_timed", None)
-            if box is not None and box[0] is self:
-                box[0] = None
 
     def _engine_or_raise(self) -> Engine:
         engine = self._engine()
@@ -177,7 +177,9 @@ class EngineTelemetry:
             engine = self._engine()
             if engine is None:
                 return
-            _time_executes(engine.dialect, self)
+            # the engine's one dialect wrapper (the call deadline's) times the executes
+            guard_calls(engine.dialect, self.resilience)
+            self.resilience.exec_timer = self
             self._listening = True
         if self.pool_timings:
             self.resilience.timing = self
@@ -423,45 +425,6 @@ class ConnectSequence:
 _SEQUENCE: contextvars.ContextVar[ConnectSequence | None] = contextvars.ContextVar(
     "resilient_db_connect_sequence", default=None
 )
-
-
-def _time_executes(dialect: Any, tel: EngineTelemetry) -> None:
-    """Time the dialect's execute calls: ``db.client.operation.duration``.
-
-    The engine's own dialect instance gets wrappers around ``do_execute``,
-    ``do_executemany`` and ``do_execute_no_params`` (cheaper than cursor-execute
-    event listeners, which SQLAlchemy dispatches through per-Connection joined
-    listener objects). They measure the driver call only; a failed call leaves
-    its start time on the execution context for :meth:`EngineTelemetry._handle_error`,
-    which records it with the error's classification.
-    """
-    box: list[EngineTelemetry | None] | None = getattr(dialect, "_rdb_timed", None)
-    if box is not None:  # wrapped for an earlier instrumentation of this engine
-        box[0] = tel
-        return
-    box = [tel]
-    dialect._rdb_timed = box
-    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, _timed(getattr(dialect, name), box))
-
-
-def _timed(call: Callable[..., Any], box: list[EngineTelemetry | None]) -> Callable[..., Any]:
-    def timed(cursor: Any, statement: Any, *args: Any) -> Any:
-        tel = box[0]
-        if tel is None:
-            return call(cursor, statement, *args)
-        t0 = _perf()
-        try:
-            result = call(cursor, statement, *args)
-        except BaseException:
-            if args:  # the execution context comes last
-                with contextlib.suppress(AttributeError, TypeError):
-                    args[-1]._rdb_t0 = t0
-            raise
-        tel.operations.add(_perf() - t0)
-        return result
-
-    return timed
 
 
 def _target_attrs(t: Target) -> dict[str, Any]:
