@@ -51,7 +51,7 @@ from .engine import (
     resilience_of,
     wrap,
 )
-from .errors import ConfigurationError, attach, error_context
+from .errors import ConfigurationError, attach, chain, error_context
 from .failover import Failover, Host, Role, split_url
 
 __all__ = ["create_async_engine", "wrap_async"]
@@ -302,7 +302,7 @@ _ARGUMENT_VALUE = re.compile(
 
 def _hide_argument_values(exc: BaseException) -> None:
     """Cut the bind value out of asyncpg's client-side encoding errors (hide_parameters)."""
-    hits = [e for e in _chain(exc) if _ARGUMENT in _text(e)]
+    hits = [e for e in chain(exc) if _ARGUMENT in _text(e)]
     if not hits:
         return
     reason = "value hidden"
@@ -319,20 +319,6 @@ def _hide_argument_values(exc: BaseException) -> None:
 
 def _text(e: BaseException) -> str:
     return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else ""
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc``, its DBAPI ``orig`` and their causes."""
-    found: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is f for f in found):
-            continue
-        found.append(e)
-        orig = getattr(e, "orig", None)
-        todo += [orig if isinstance(orig, BaseException) else None, e.__cause__]
-    return found
 
 
 def _abort_asyncpg(connection: Any) -> None:

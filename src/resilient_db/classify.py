@@ -14,7 +14,6 @@ import asyncio
 import errno as _errno
 import socket
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -22,6 +21,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
 from ._lock_wait import GONE_AWAY, lock_template, pg_lock_wait
+from .errors import CircuitOpenError, ResilientDBError, error_context
+from .errors import chain as _chain
 
 __all__ = ["Classification", "Kind", "RetryLevel", "Target", "classify"]
 
@@ -435,22 +436,6 @@ _CONNECTION_LOSS = {
 }
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, its ``orig`` (DBAPI) and their causes, without repeats."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        orig = getattr(e, "orig", None)
-        if isinstance(orig, BaseException):
-            todo.append(orig)
-        todo.append(e.__cause__)
-
-
 _MYSQL_MODULES = ("pymysql", "aiomysql", "MySQLdb", "mysql.connector", "asyncmy")
 
 
@@ -631,7 +616,6 @@ def classify(
     commit, and during ``connect`` it is safe to retry. ``target`` fills host,
     port, user and database into the diagnosis.
     """
-    from .errors import CircuitOpenError, ResilientDBError, error_context
 
     if isinstance(exc, CircuitOpenError):
         kind: Kind | None = Kind.CIRCUIT_OPEN

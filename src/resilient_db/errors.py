@@ -20,6 +20,7 @@ the diagnosis as a PEP 678 note so a plain traceback shows it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -357,18 +358,29 @@ def error_context(exc: BaseException | None) -> ErrorContext | None:
             f"must be an exception or None, got {type(exc).__name__}.",
             "Pass the exception you caught: error_context(exc).",
         )
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in chain(exc):
         ctx = getattr(e, _CONTEXT_ATTR, None)
         if isinstance(ctx, ErrorContext):
             return ctx
-        todo.append(e.__cause__)
+    return None
+
+
+def chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, its DBAPI ``orig`` and their explicit causes, nearest first, without repeats.
+
+    The one walk of an error chain in the package (classification, context
+    lookup, redaction). ``__context__`` is never followed: an error raised while
+    handling another was not caused by it.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
         orig = getattr(e, "orig", None)
         if isinstance(orig, BaseException):
-            todo.append(orig)  # checked first
-    return None
+            todo.append(orig)
+        todo.append(e.__cause__)
