@@ -303,5 +303,5 @@ def test_call_timeout_option_lets_long_work_run(pg_url: str) -> None:
         pytest.raises(resilient_db.ConfigurationError, match="resilient_db_call_timeout"),
         engine.connect() as conn,
     ):
-        conn.execution_options(resilient_db_call_timeout="long")
+        conn.execution_options(resilient_db_call_timeout="long").execute(sa.text("SELECT 1"))
     engine.dispose()

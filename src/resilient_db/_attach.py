@@ -22,7 +22,6 @@ from ._admission import install_pool
 from ._connect import connect, mariadb_session
 from ._deadline import (
     SETTING_UP,
-    call_timeout_option,
     guard_calls,
     guard_server_side_cursors,
     on_connect,
@@ -67,7 +66,6 @@ def install(engine: Engine, r: Resilience) -> None:
     if r.watch and call is not None:
         # the last connect listener: it disarms the set-up deadline do_connect armed
         event.listen(engine, "connect", on_connect(r))
-        event.listen(engine, "set_connection_execution_options", call_timeout_option)
         if engine.dialect.supports_server_side_cursors:
             guard_server_side_cursors(engine.dialect, call)
     if r.watch or r.slow_call is not None:

@@ -116,27 +116,24 @@ def slot_of(conn: Any) -> Slot | None:
 CALL_TIMEOUT = "resilient_db_call_timeout"  # the connection execution option
 
 
-def call_timeout_option(conn: Any, opts: dict[str, Any]) -> None:
-    """``set_connection_execution_options``: this connection's own call deadline.
+def _own_call(value: Any) -> float:
+    """The seconds of a ``resilient_db_call_timeout`` execution option (None: no deadline).
 
     ``conn.execution_options(resilient_db_call_timeout=120)`` raises the per-call
-    deadline of that connection until it is returned to the pool; ``None``
-    removes it (the silence probe still watches the calls).
+    deadline of that connection's calls until it is returned to the pool; ``None``
+    removes it (the silence probe still watches the calls). Read from the execution
+    context, not through a connection event: any connection event listener would
+    make SQLAlchemy dispatch events on every call of every connection.
     """
-    if CALL_TIMEOUT not in opts:
-        return
-    value = opts[CALL_TIMEOUT]
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400
-    ):
+    if value is None:
+        return FOREVER
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
         raise ConfigurationError(
             CALL_TIMEOUT,
             f"must be a number of seconds in (0, 86400] or None, got {value!r}.",
             "Pass e.g. 120 for a long migration, or None for no client-side deadline.",
         )
-    slot = slot_of(conn)
-    if slot is not None:
-        slot.own_call = FOREVER if value is None else float(value)
+    return float(value)
 
 
 def slow(r: Resilience, info: dict[str, Any]) -> None:
@@ -185,6 +182,10 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
                 return None
             # a deadline around this call (a connection's set-up) bounds it too, restored after
             if slot is not None:
+                if timed:  # an execute: its context carries the connection's options
+                    option = args[-1].execution_options.get(CALL_TIMEOUT, slot)
+                    if option is not slot:
+                        slot.own_call = _own_call(option)  # until the connection is returned
                 own = slot.own_call
                 outer = slot.arm(call if own < 0 else own)
             else:
