@@ -41,6 +41,7 @@ from ._driver_args import engine_kwargs
 from .classify import Kind
 from .config import Policy, ValidateMode
 from .engine import (
+    _check_breaker,
     _check_clock,
     _check_policy,
     _fold_pool_kwargs,
@@ -68,6 +69,7 @@ def create_async_engine(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int]] | None = None,
     role: Role | None = None,
+    breaker: Any = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """Create a genuine :class:`~sqlalchemy.ext.asyncio.AsyncEngine` with resilience attached.
@@ -91,11 +93,13 @@ def create_async_engine(
     in the URL) and ``role`` (``"primary"``, the default, ``"any"`` or
     ``"prefer-standby"``; in the URL ``target_session_attrs``): one logical
     database served by several hosts, as for :func:`resilient_db.create_engine`
-    (see :mod:`resilient_db.failover`).
+    (see :mod:`resilient_db.failover`). ``breaker``: the application's
+    ``pybreaker.CircuitBreaker``, as for :func:`resilient_db.create_engine`.
     """
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
     _check_clock(clock)
+    _check_breaker(breaker, policy)
     u, host_list, role = split_url(_parse_url(url), hosts, role)
     policy = _fold_pool_kwargs(policy, kwargs)
     kw = engine_kwargs(u, policy, kwargs)
@@ -122,6 +126,7 @@ def create_async_engine(
         clock=clock,
         hosts=host_list,
         role=role if host_list is not None else None,
+        breaker=breaker,
     )
     fo = _failover_of(engine)
     if fo is not None and mode != "off":
@@ -147,13 +152,14 @@ def wrap_async(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int] | Host] | None = None,
     role: Role | None = None,
+    breaker: Any = None,
 ) -> AsyncEngine:
     """Attach resilience to an existing AsyncEngine and return the same object.
 
     The pool and driver settings the engine was created with are kept; use
     :func:`create_async_engine` to also get resilient_db's safe defaults.
     ``policy_of``, ``breaker_of``, ``hosts_of`` and ``health_async`` accept the
-    AsyncEngine. ``hosts`` and ``role``: as for :func:`create_async_engine`.
+    AsyncEngine. ``hosts``, ``role`` and ``breaker``: as for :func:`create_async_engine`.
     """
     if not isinstance(async_engine, AsyncEngine):
         raise ConfigurationError(
@@ -167,7 +173,15 @@ def wrap_async(
     # before resilient_db's own do_connect listener, which makes the attempt
     remove = _bound_connect(sync_engine, policy)
     try:
-        wrap(sync_engine, name=name, policy=policy, clock=clock, hosts=hosts, role=role)
+        wrap(
+            sync_engine,
+            name=name,
+            policy=policy,
+            clock=clock,
+            hosts=hosts,
+            role=role,
+            breaker=breaker,
+        )
     except BaseException:
         remove()
         raise
