@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pybreaker
 import pytest
@@ -18,6 +19,7 @@ import resilient_db
 from resilient_db import BreakerPolicy, Policy, RetryPolicy, Timeouts
 from resilient_db._pybreaker import FORWARDER, DatabaseFailure
 from resilient_db.testing import FaultProxy, ManualClock
+from tests.test_fork import in_child
 
 RESET_TIMEOUT = 5.0
 POLICY = Policy(
@@ -267,3 +269,17 @@ def test_the_pybreaker_forgets_a_disposed_engine(sqlite_url: str) -> None:
     del engine
     gc.collect()
     assert () == cb.listeners
+
+
+def test_a_forked_child_reports_to_its_pybreaker(rig: Rig) -> None:
+    """In a forked child, the engine's breaker opening still opens the pybreaker."""
+    rig.proxy.refuse()
+    rig.fail(1)
+    assert FORWARDER.wait()  # the parent's forwarding thread has run
+
+    def child() -> dict[str, Any]:
+        rig.fail(1)  # the second failure opens the child's engine breaker
+        return {"forwarded": FORWARDER.wait(), "app": rig.cb.current_state}
+
+    assert {"forwarded": True, "app": "open"} == in_child(child)
+    assert "closed" == rig.cb.current_state  # the parent's pybreaker is its own

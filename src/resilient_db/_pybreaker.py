@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -93,7 +94,7 @@ class _Forwarder:
     def put(self, fn: Callable[[], None]) -> None:
         self.queue.put(fn)
         t = self.thread
-        if t is None or not t.is_alive():  # not started yet, or this is a forked child
+        if t is None:
             with self._lock:
                 if self.thread is t:
                     t = threading.Thread(target=self._run, name="resilient_db-pybreaker")
@@ -115,8 +116,16 @@ class _Forwarder:
         self.put(done.set)
         return done.wait(timeout)
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock and queue; the thread starts again when needed."""
+        self.queue = queue.SimpleQueue()
+        self.thread = None
+        self._lock = threading.Lock()
+
 
 FORWARDER = _Forwarder()
+if hasattr(os, "register_at_fork"):  # the parent's pending reports are the parent's
+    os.register_at_fork(after_in_child=FORWARDER.after_fork)
 
 
 class Bridge:

@@ -41,7 +41,6 @@ from ._driver_args import engine_kwargs
 from .classify import Kind
 from .config import Policy, ValidateMode
 from .engine import (
-    _check_breaker,
     _check_clock,
     _check_policy,
     _fold_pool_kwargs,
@@ -86,20 +85,18 @@ def create_async_engine(
     ``validate`` runs the same startup checks as the sync engine, in a worker
     thread with its own event loop; they block the caller for up to
     ``policy.retry.deadline`` seconds, so create engines at import or startup
-    time, not inside request handlers. ``clock`` replaces
-    :func:`time.monotonic` for the breaker and retry timing (tests).
+    time, not inside request handlers. ``clock`` replaces :func:`time.monotonic`
+    (tests); ``breaker``: the application's ``pybreaker.CircuitBreaker``.
 
     ``hosts`` (``["db1:5432", "db2:5432"]``, or libpq-style ``?host=a:5432&host=b:5432``
     in the URL) and ``role`` (``"primary"``, the default, ``"any"`` or
     ``"prefer-standby"``; in the URL ``target_session_attrs``): one logical
     database served by several hosts, as for :func:`resilient_db.create_engine`
-    (see :mod:`resilient_db.failover`). ``breaker``: the application's
-    ``pybreaker.CircuitBreaker``, as for :func:`resilient_db.create_engine`.
+    (see :mod:`resilient_db.failover`).
     """
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
     _check_clock(clock)
-    _check_breaker(breaker, policy)
     u, host_list, role = split_url(_parse_url(url), hosts, role)
     policy = _fold_pool_kwargs(policy, kwargs)
     kw = engine_kwargs(u, policy, kwargs)
