@@ -110,6 +110,9 @@ def test_breaker_must_be_a_pybreaker(sqlite_url: str) -> None:
         e.value.field,
         e.value.problem,
     )
+    with pytest.raises(resilient_db.ConfigurationError) as e:
+        resilient_db.create_async_engine("sqlite+aiosqlite://", breaker=object())
+    assert "breaker" == e.value.field
     off = Policy(breaker=BreakerPolicy(enabled=False))
     with pytest.raises(resilient_db.ConfigurationError) as e:
         resilient_db.wrap(engine, policy=off, breaker=pybreaker.CircuitBreaker())
