@@ -14,6 +14,8 @@ import time
 #: module name -> arguments added in smoke mode
 BENCHMARKS: dict[str, list[str]] = {
     "overhead": ["--smoke"],
+    "import_cost": ["--smoke"],
+    "rejection": ["--smoke"],
     "async_overhead": ["--smoke"],
     "telemetry_overhead": ["--smoke"],
     "loop_lag": ["--smoke"],

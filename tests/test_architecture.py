@@ -142,3 +142,18 @@ def test_sync_import_does_not_load_asyncio_extension() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert ["False", "True"] == out.stdout.split()
+
+
+def test_optional_parts_load_on_first_use() -> None:
+    """``import resilient_db`` leaves the optional parts unloaded until their names are used."""
+    code = (
+        "import sys, resilient_db\n"
+        "parts = ['resilient_db.validation', 'resilient_db.retry', 'resilient_db.fleet',\n"
+        "         'resilient_db.idempotency', 'resilient_db._pybreaker', 'pybreaker']\n"
+        "print(*[p in sys.modules for p in parts])\n"
+        "resilient_db.validate, resilient_db.run_transaction, resilient_db.share_breaker\n"
+        "resilient_db.purge_idempotency_keys, resilient_db.__version__\n"
+        "print(*[p in sys.modules for p in parts[:4]])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ["False"] * 6 + ["True"] * 4 == out.stdout.split()

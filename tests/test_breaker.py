@@ -354,3 +354,22 @@ def test_rejections_counted_concurrently_are_never_lost() -> None:
         requests.put(None)
         worker.join()
     assert 1 + interleaved == cb.rejected
+
+
+def test_rejection_while_open_counts_and_raises_nothing() -> None:
+    """rejection(): a Rejected to raise while plainly open; None when before_call must decide."""
+    clock = ManualClock()
+    cb = make(clock)
+    assert None is cb.rejection()
+    trip(cb)
+    clock.advance(2.0)
+    rej = cb.rejection()
+    assert rej is not None
+    assert (OPEN, 3.0, 1) == (rej.state, rej.retry_in, cb.rejected)
+    clock.advance(3.0)  # a probe is due: before_call admits it
+    assert None is cb.rejection()
+    assert (1, HALF_OPEN) == (cb.before_call(), cb.state)
+    cb.force_open()
+    forced = cb.rejection()
+    assert forced is not None
+    assert (OPEN, None, 2) == (forced.state, forced.retry_in, cb.rejected)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import resilient_db
 from resilient_db import aio
 from resilient_db.engine import driver_defaults, resilience_of
+from resilient_db.testing import ManualClock
 
 
 @pytest.fixture
@@ -326,3 +327,52 @@ def test_public_api_is_sorted_and_importable() -> None:
     assert len(set(resilient_db.__all__)) == len(resilient_db.__all__)
     for name in resilient_db.__all__:
         assert hasattr(resilient_db, name), name
+
+
+def test_rejection_is_rendered_on_first_access(sqlite_url: str) -> None:
+    """A rejected checkout builds its message and context only when someone reads them."""
+    clock = ManualClock()
+    engine = resilient_db.create_engine(sqlite_url, name="lazy", validate="off", clock=clock)
+    r = resilience_of(engine)
+    b = resilient_db.breaker_of(engine)
+    for _ in range(b.policy.failure_threshold):
+        b.record_failure("db down")
+    built: list[str] = []
+    context = r.context
+
+    def counted(*args: Any, **kwargs: Any) -> resilient_db.ErrorContext:
+        built.append(kwargs["phase"])
+        return context(*args, **kwargs)
+
+    r.context = counted  # type: ignore[method-assign]
+    clock.advance(1.0)
+    errors = []
+    for _ in range(100):
+        try:
+            engine.connect()
+        except resilient_db.CircuitOpenError as e:
+            errors.append(e)
+    assert (100, []) == (len(errors), built)
+    clock.advance(3.0)  # rendered later: the values are those of the rejection
+    e = errors[-1]
+    found = resilient_db.error_context(e)
+    assert found is not None
+    diagnosis = found.diagnosis
+    assert diagnosis.endswith("Next probe in 4.00s. Last failure: db down")
+    ctx = e.context
+    assert ctx is not None
+    assert ("circuit_open", "checkout", "open", 4.0) == (
+        ctx.kind,
+        ctx.phase,
+        ctx.breaker_state,
+        ctx.retry_in,
+    )
+    where = r.target.where
+    assert f"Circuit breaker 'lazy' is open: not connecting to {where}. {diagnosis}" == str(e)
+    assert [f"resilient_db: [circuit_open] {diagnosis}"] == e.__notes__
+    assert ["checkout"] == built
+    clone = pickle.loads(pickle.dumps(errors[0]))
+    assert (str(errors[0]), errors[0].context) == (str(clone), clone.context)
+    assert (None, None) == (errors[1].statement, errors[1].params)
+    assert str(errors[1]) in str(errors[1].orig)
+    engine.dispose()

@@ -39,6 +39,7 @@ from resilient_db.classify import Kind
 from resilient_db.config import BreakerPolicy, Policy, PoolPolicy, RetryPolicy, Timeouts
 from resilient_db.engine import resilience_of
 from resilient_db.health import health
+from resilient_db.telemetry._deferred import DeferredCount
 from resilient_db.telemetry.metrics import METRICS, is_real_provider
 from resilient_db.testing import FaultInjector, FaultProxy, ManualClock
 from tests.conftest import SENTINEL
@@ -1029,3 +1030,31 @@ def test_one_dialect_wrapper_whatever_the_order(db_url: str, early: bool) -> Non
     # early: the first connection's set-up queries are timed too; late: only the one after
     assert (sum(counts) >= 2) if early else (1 == sum(counts)), counts
     engine.dispose()
+
+
+def test_deferred_count_adds_each_rejection_once() -> None:
+    """Counts taken from many threads while flushes run reach the counter exactly once."""
+
+    class Counter:
+        def __init__(self) -> None:
+            self.added: list[tuple[int, dict[str, Any]]] = []
+
+        def add(self, n: int, attributes: dict[str, Any]) -> None:
+            self.added.append((n, attributes))
+
+    counter = Counter()
+    attrs = {"error.type": "circuit_open"}
+    count = DeferredCount(counter, attrs)
+    threads = [
+        threading.Thread(target=lambda: [count.add_one() for _ in range(5000)]) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    flushed = 0
+    while any(t.is_alive() for t in threads):
+        flushed += count.flush()
+    for t in threads:
+        t.join()
+    flushed += count.flush()
+    assert (20_000, 20_000, 0) == (flushed, sum(n for n, _ in counter.added), count.flush())
+    assert {id(attrs)} == {id(a) for _, a in counter.added}

@@ -5,8 +5,6 @@ validated configuration, classified and explained errors, a circuit breaker,
 safe connect retries and a bounded pool.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from ._backoff import set_testing
@@ -41,18 +39,7 @@ from .errors import (
     portable_error,
 )
 from .failover import HostStatus, hosts_of
-from .fleet import RedisBreakerStore, share_breaker
 from .health import HealthSnapshot, PoolStats, health, health_async
-from .idempotency import ensure_idempotency_table, idempotency_table, purge_idempotency_keys
-from .retry import (
-    ALREADY_COMMITTED,
-    AlreadyCommitted,
-    run_transaction,
-    run_transaction_async,
-    transactional,
-    transactional_async,
-)
-from .validation import Finding, Report, validate
 
 __all__ = [
     "ALREADY_COMMITTED",
@@ -109,28 +96,73 @@ __all__ = [
     "wrap_async",
 ]
 
-try:
-    __version__ = _version("resilient-db")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
 if TYPE_CHECKING:
     from .aio import create_async_engine, wrap_async
+    from .fleet import RedisBreakerStore, share_breaker
+    from .idempotency import (
+        ensure_idempotency_table,
+        idempotency_table,
+        purge_idempotency_keys,
+    )
+    from .retry import (
+        ALREADY_COMMITTED,
+        AlreadyCommitted,
+        run_transaction,
+        run_transaction_async,
+        transactional,
+        transactional_async,
+    )
+    from .validation import Finding, Report, validate
 
-# imported on first use: sync-only services never load sqlalchemy.ext.asyncio
-_LAZY = {"create_async_engine": "aio", "wrap_async": "aio"}
+    __version__: str
+
+# Imported on first use, so ``import resilient_db`` loads only what every engine
+# needs: sync-only services never load sqlalchemy.ext.asyncio, and the startup
+# checks, the unit-of-work retry, the fleet store and the idempotency helpers (and
+# importlib.metadata, for __version__) cost nothing until asked for. (Not health: the
+# submodule resilient_db.health, once imported, would hide a lazy health().)
+_LAZY = {
+    "create_async_engine": "aio",
+    "wrap_async": "aio",
+    "RedisBreakerStore": "fleet",
+    "share_breaker": "fleet",
+    "ensure_idempotency_table": "idempotency",
+    "idempotency_table": "idempotency",
+    "purge_idempotency_keys": "idempotency",
+    "ALREADY_COMMITTED": "retry",
+    "AlreadyCommitted": "retry",
+    "run_transaction": "retry",
+    "run_transaction_async": "retry",
+    "transactional": "retry",
+    "transactional_async": "retry",
+    "Finding": "validation",
+    "Report": "validation",
+    "validate": "validation",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("resilient-db")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'resilient_db' has no attribute {name!r}")
-    from importlib import import_module
+    if name == "__version__":
+        value: Any = _version()
+    else:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'resilient_db' has no attribute {name!r}")
+        from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+        value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})

@@ -9,6 +9,7 @@ and whose check-in reports the outcome of a half-open probe to the breaker.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -19,9 +20,9 @@ from . import _compat
 from ._deadline import SLOT
 from ._state import EXITS, Resilience
 from ._watchdog import Slot
-from .breaker import CLOSED, Rejected
+from .breaker import CLOSED, OPEN, Rejected
 from .classify import Kind, classify
-from .errors import CircuitOpenError, PoolExhaustedError
+from .errors import CircuitOpenError, ErrorContext, PoolExhaustedError
 
 __all__ = ["circuit_open", "install_pool", "pool_exhausted"]
 
@@ -35,14 +36,31 @@ IDLE_SINCE = "resilient_db.idle_since"
 
 
 def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
-    """The error for a call rejected by the open breaker."""
+    """The error for a call rejected by the open breaker.
+
+    Rejections come by the thousand while the breaker is open: the values are
+    taken now, the message and context are rendered on first access, and
+    telemetry counts the rejection (logs are a rate-limited summary).
+    """
+    b = r.breaker
+    if b is not None:
+        state, last, forced = b.state, b.last_failure, b._forced
+    else:  # pragma: no cover - only a breaker rejects
+        state, last, forced = rej.state, None, False
+    err = CircuitOpenError.deferred(lambda: _open_message(r, rej, state, last, forced))
+    if r.telemetry is not None:
+        r.telemetry.rejected(state, rej.retry_in, err)
+    return err
+
+
+def _open_message(
+    r: Resilience, rej: Rejected, state: str, last: str | None, forced: bool
+) -> tuple[str, ErrorContext]:
     c = r.open_verdict
     if c is None:  # the same for every rejection: classify once
         c = r.open_verdict = classify(CircuitOpenError("open"), target=r.target)
-    b = r.breaker
-    last = b.last_failure if b is not None else None
     retry_in = rej.retry_in
-    if b is not None and b._forced:
+    if forced:
         diagnosis = (
             f"The circuit breaker for {r.target.where} was forced open by an operator: "
             "calls fail fast without reaching the database until it is closed "
@@ -53,12 +71,10 @@ def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
         diagnosis = f"{c.diagnosis} Next probe {when}."
         if last:
             diagnosis += f" Last failure: {last}"
-    ctx = r.record_error(c, r.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis))
-    return CircuitOpenError(
-        f"Circuit breaker '{r.name}' is {rej.state}: not connecting to "
-        f"{r.target.where}. {diagnosis}",
-        ctx,
-    )
+    ctx = r.context(c, phase="checkout", retry_in=retry_in, diagnosis=diagnosis)
+    ctx = dataclasses.replace(ctx, breaker_state=state)
+    message = f"Circuit breaker '{r.name}' is {rej.state}: not connecting to {r.target.where}. "
+    return message + diagnosis, ctx
 
 
 def pool_exhausted(r: Resilience, pool: Pool, waiting: int, cause: str) -> PoolExhaustedError:
@@ -198,6 +214,9 @@ def _checkout_guarded(self: Any) -> Any:
     b = r.breaker
     probe = 0
     if b is not None and b.state is not CLOSED:
+        rejected = b.rejection()  # the flood while open: nothing raised until ours
+        if rejected is not None:
+            raise circuit_open(r, rejected)
         try:
             probe = b.before_call()
         except Rejected as rej:
@@ -270,7 +289,18 @@ def _checkin(self: Any, record: Any) -> None:
     _compat.pool_do_return(self._rdb_base, self, record)
 
 
+def _connect(self: Any) -> Any:
+    # Pool.connect(): the flood of calls while the breaker is open is rejected here,
+    # before SQLAlchemy builds a checkout (the other cases: _checkout_guarded)
+    b = self._rdb.breaker
+    if b is not None and b.state is OPEN:
+        rejected = b.rejection()
+        if rejected is not None:
+            raise circuit_open(self._rdb, rejected)
+    return self._rdb_base.connect(self)
+
+
 def install_pool(pool: Pool, r: Resilience) -> None:
     """Make ``pool`` admit checkouts through ``r``'s breaker, bulkhead and idle ping."""
-    attrs = {"_rdb": r, "__module__": __name__}
+    attrs = {"_rdb": r, "__module__": __name__, "connect": _connect}
     _compat.reclass_pool(pool, "Resilient", attrs, checkout=_checkout, checkin=_checkin)

@@ -30,13 +30,15 @@ from ._deadline import (
 from ._handle_error import handle_error
 from ._probe import Monitor
 from ._state import Resilience
-from .telemetry import attach as attach_telemetry
 
 __all__ = ["install"]
 
 
 def install(engine: Engine, r: Resilience) -> None:
     """Attach ``r`` to ``engine``: pool admission, event listeners, call deadline."""
+    # OpenTelemetry's API loads with the first engine, not with `import resilient_db`
+    from .telemetry import attach as attach_telemetry
+
     install_pool(engine.pool, r)
     if r.watch and r.policy.breaker.probe_after is not None:
         r.monitor = Monitor(r)

@@ -68,6 +68,7 @@ def create_async_engine(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int]] | None = None,
     role: Role | None = None,
+    breaker: Any = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """Create a genuine :class:`~sqlalchemy.ext.asyncio.AsyncEngine` with resilience attached.
@@ -84,8 +85,8 @@ def create_async_engine(
     ``validate`` runs the same startup checks as the sync engine, in a worker
     thread with its own event loop; they block the caller for up to
     ``policy.retry.deadline`` seconds, so create engines at import or startup
-    time, not inside request handlers. ``clock`` replaces
-    :func:`time.monotonic` for the breaker and retry timing (tests).
+    time, not inside request handlers. ``clock`` replaces :func:`time.monotonic`
+    (tests); ``breaker``: the application's ``pybreaker.CircuitBreaker``.
 
     ``hosts`` (``["db1:5432", "db2:5432"]``, or libpq-style ``?host=a:5432&host=b:5432``
     in the URL) and ``role`` (``"primary"``, the default, ``"any"`` or
@@ -122,6 +123,7 @@ def create_async_engine(
         clock=clock,
         hosts=host_list,
         role=role if host_list is not None else None,
+        breaker=breaker,
     )
     fo = _failover_of(engine)
     if fo is not None and mode != "off":
@@ -147,13 +149,14 @@ def wrap_async(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int] | Host] | None = None,
     role: Role | None = None,
+    breaker: Any = None,
 ) -> AsyncEngine:
     """Attach resilience to an existing AsyncEngine and return the same object.
 
     The pool and driver settings the engine was created with are kept; use
     :func:`create_async_engine` to also get resilient_db's safe defaults.
     ``policy_of``, ``breaker_of``, ``hosts_of`` and ``health_async`` accept the
-    AsyncEngine. ``hosts`` and ``role``: as for :func:`create_async_engine`.
+    AsyncEngine. ``hosts``, ``role`` and ``breaker``: as for :func:`create_async_engine`.
     """
     if not isinstance(async_engine, AsyncEngine):
         raise ConfigurationError(
@@ -167,7 +170,15 @@ def wrap_async(
     # before resilient_db's own do_connect listener, which makes the attempt
     remove = _bound_connect(sync_engine, policy)
     try:
-        wrap(sync_engine, name=name, policy=policy, clock=clock, hosts=hosts, role=role)
+        wrap(
+            sync_engine,
+            name=name,
+            policy=policy,
+            clock=clock,
+            hosts=hosts,
+            role=role,
+            breaker=breaker,
+        )
     except BaseException:
         remove()
         raise

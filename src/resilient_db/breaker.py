@@ -59,9 +59,7 @@ class Rejected(Exception):
     """Raised by :meth:`CircuitBreaker.before_call` when a call may not proceed."""
 
     def __init__(self, state: str, retry_in: float | None) -> None:
-        super().__init__(state, retry_in)
-        self.state = state
-        self.retry_in = retry_in
+        self.state, self.retry_in = state, retry_in  # args: set by Exception.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +155,8 @@ class CircuitBreaker:
         state = self.state
         if state is CLOSED:
             return 0
-        if state is OPEN:
-            # the common case while open: reject without taking the lock, so
-            # callers rejected at once never queue behind each other
-            if self._forced:
-                self._reject()
-                raise Rejected(OPEN, None)
-            left = self._opened_at + self.policy.reset_timeout - self.clock()
-            if left > 0:
-                self._reject()
-                raise Rejected(OPEN, left)
+        if state is OPEN and (rejected := self.rejection()) is not None:
+            raise rejected
         with self._lock:
             if (
                 self.state is OPEN
@@ -197,6 +187,16 @@ class CircuitBreaker:
                     self._reject()
                 raise Rejected(HALF_OPEN, wait)
         return token
+
+    def rejection(self) -> Rejected | None:
+        """While plainly open: count a rejected call, return its Rejected (no lock); else None."""
+        if self.state is not OPEN:
+            return None
+        left = None if self._forced else self._opened_at + self.policy.reset_timeout - self.clock()
+        if left is not None and left <= 0:
+            return None
+        self._reject()
+        return Rejected(OPEN, left)
 
     def _reject(self) -> None:
         with self._count_lock:  # `+= 1` is a read and a write: never lose a concurrent one

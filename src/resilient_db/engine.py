@@ -94,6 +94,7 @@ def create_engine(
     clock: Callable[[], float] | None = None,
     hosts: Sequence[str | tuple[str, int]] | None = None,
     role: Role | None = None,
+    breaker: Any = None,
     **kwargs: Any,
 ) -> Engine:
     """Create a genuine :class:`sqlalchemy.engine.Engine` with resilience attached.
@@ -115,10 +116,14 @@ def create_engine(
     in the URL) makes one logical database of several servers, and ``role``
     (``"primary"``, the default, ``"any"`` or ``"prefer-standby"``; in the URL
     ``target_session_attrs``) says which one to use: see :mod:`resilient_db.failover`.
+
+    ``breaker``: the application's ``pybreaker.CircuitBreaker``; the engine's
+    breaker and it keep each other informed (see ``docs/resilience.md``).
     """
     policy = _check_policy(policy)
     mode = _validate_mode(policy, validate)  # before anything is built or connected
     _check_clock(clock)
+    _check_breaker(breaker, policy)
     u, host_list, role = split_url(_parse_url(url), hosts, role)
     policy = _fold_pool_kwargs(policy, kwargs)
     kw = engine_kwargs(u, policy, kwargs)
@@ -138,6 +143,7 @@ def create_engine(
         hosts=host_list,
         role=role if host_list is not None else None,
         hide_parameters=bool(kw["hide_parameters"]),
+        breaker=breaker,
     )
     fo = resilience_of(engine).failover
     if fo is not None and mode != "off":
@@ -152,6 +158,13 @@ def create_engine(
             return engine
     _startup_validate(engine, policy, validate)
     return engine
+
+
+def _check_breaker(breaker: Any, policy: Policy) -> None:
+    if breaker is not None:
+        from ._pybreaker import check
+
+        check(breaker, policy.breaker.enabled)
 
 
 def _validate_mode(policy: Policy, validate: ValidateMode | None) -> ValidateMode:
@@ -226,6 +239,7 @@ def wrap(
     hosts: Sequence[str | tuple[str, int] | Host] | None = None,
     role: Role | None = None,
     hide_parameters: bool = True,
+    breaker: Any = None,
 ) -> Engine:
     """Attach resilience to an existing engine and return the same object.
 
@@ -238,8 +252,8 @@ def wrap(
     overflow, checkout timeout and recycle are fixed when a pool is built: pass
     :func:`engine_options` to :func:`sqlalchemy.create_engine` for those, or use
     :func:`create_engine`. ``clock`` replaces :func:`time.monotonic` for the
-    breaker and retry timing (tests). ``hosts`` and ``role``: as for
-    :func:`create_engine`.
+    breaker and retry timing (tests). ``hosts``, ``role`` and ``breaker``: as
+    for :func:`create_engine`.
     """
     if not isinstance(engine, Engine):
         raise ConfigurationError(
@@ -252,6 +266,7 @@ def wrap(
             "engine", "is already wrapped by resilient_db.", "Wrap each engine once."
         )
     policy = _check_policy(policy)
+    _check_breaker(breaker, policy)
     if name is not None and not isinstance(name, str):
         raise ConfigurationError("name", "must be a string.", "Pass a short engine name.")
     url, host_list, host_role = split_url(engine.url, hosts, role)
@@ -269,6 +284,10 @@ def wrap(
         attach_failover(engine, r, host_list, host_role)
     register(engine, r)
     track_engine(engine)  # a forked child gets a fresh pool (_fork.py)
+    if breaker is not None:
+        from ._pybreaker import attach as attach_pybreaker
+
+        attach_pybreaker(engine, r, breaker)
     return engine
 
 

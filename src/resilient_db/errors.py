@@ -20,7 +20,7 @@ the diagnosis as a PEP 678 note so a plain traceback shows it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +165,66 @@ class CircuitOpenError(_OperationalFault):
 
     ``context.retry_in`` says how long until the next probe is let through and
     ``context.diagnosis`` repeats the last underlying failure's diagnosis.
+
+    A rejection by the engine's breaker is cheap: its message, context and
+    note are rendered from values taken at the rejection, on first access.
     """
+
+    _render: Callable[[], tuple[str, ErrorContext]] | None = None
+
+    @classmethod
+    def deferred(cls, render: Callable[[], tuple[str, ErrorContext]]) -> CircuitOpenError:
+        """An error whose ``(message, context)`` ``render`` returns when first needed."""
+        e = cls.__new__(cls)
+        e._render = render
+        return e
+
+    def _materialize(self) -> bool:
+        render = self._render
+        if render is None:
+            return False
+        self._render = None
+        message, context = render()
+        _OperationalFault.__init__(self, message, context)
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        # called only for an attribute not set yet: a deferred error's appear when rendered
+        if self._materialize():
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property  # type: ignore[override]
+    def orig(self) -> BaseException | None:  # set by SQLAlchemy's __init__, class default None
+        self._materialize()
+        orig: BaseException | None = self.__dict__.get("orig")
+        return orig
+
+    @orig.setter
+    def orig(self, value: BaseException | None) -> None:
+        self.__dict__["orig"] = value
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        self._materialize()
+        args: tuple[Any, ...] = BaseException.args.__get__(self)  # type: ignore[attr-defined]
+        return args
+
+    @args.setter
+    def args(self, value: tuple[Any, ...]) -> None:
+        BaseException.args.__set__(self, value)  # type: ignore[attr-defined]
+
+    def __str__(self) -> str:
+        self._materialize()
+        return self.message
+
+    def __repr__(self) -> str:
+        self._materialize()
+        return super().__repr__()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self._materialize()
+        return super().__reduce__()
 
 
 class AmbiguousCommitError(_OperationalFault):

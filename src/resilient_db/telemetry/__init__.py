@@ -32,10 +32,10 @@ from sqlalchemy import event
 from .._deadline import guard_calls
 from .._state import resilience_of
 from ..classify import Classification, Kind, Target, classify
-from ..errors import ConfigurationError, ErrorContext, error_context
+from ..errors import CircuitOpenError, ConfigurationError, ErrorContext, error_context
 from ..health import pool_stats
 from . import logs, tracing
-from ._deferred import DEFAULT_CAPACITY, Deferred
+from ._deferred import DEFAULT_CAPACITY, Deferred, DeferredCount
 from .metrics import METRICS, Instruments, MetricSpec, Monotonic, instruments_for
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ class EngineTelemetry:
         self.uses = Deferred(ins.use_time, self._pool_attrs, timing_buffer)
         self.transitions: dict[str, int] = {}
         self.rejections = Monotonic()
+        rejected = {**pool, "error.type": "circuit_open", "resilient_db.phase": "checkout"}
+        self.rejected_checkouts = DeferredCount(ins.errors, rejected)
         self.summary = logs.RejectionSummary()
         #: Wall-clock time the database last answered (a connect or a health ping).
         self.last_ok: float | None = None
@@ -191,6 +193,7 @@ class EngineTelemetry:
 
         Returns how many values were recorded.
         """
+        self.rejected_checkouts.flush()
         return self.operations.flush() + self.waits.flush() + self.uses.flush()
 
     def _pool_attrs(self) -> dict[str, Any]:
@@ -246,19 +249,22 @@ class EngineTelemetry:
         )
         if c.kind is Kind.AMBIGUOUS_COMMIT:
             ins.ambiguous_commits.add(1, self.pool_attrs)
-        if c.kind is Kind.CIRCUIT_OPEN:
+        if c.kind is Kind.CIRCUIT_OPEN:  # every host of a multi-host engine open
             self.summary.rejected(self, ctx)
-            tracing.add_current_event(
-                "resilient_db.breaker.rejected",
-                {
-                    **self.pool_attrs,
-                    "resilient_db.breaker.state": ctx.breaker_state or "open",
-                    "resilient_db.retry_in": ctx.retry_in if ctx.retry_in is not None else -1.0,
-                },
-            )
+            tracing.rejected_event(self.pool_attrs, ctx.breaker_state or "open", ctx.retry_in)
         elif ctx.phase not in ("execute", "commit", "rollback"):
             # statement errors get their event from _handle_error, with the statement
             tracing.add_current_event("resilient_db.error", self._event_attrs(ctx))
+
+    def rejected(self, state: str, retry_in: float | None, err: CircuitOpenError) -> None:
+        """A checkout rejected by the open breaker: counted (added to ``resilient_db.errors``
+        at :meth:`flush`), summarised in the log, an event if the caller's span records."""
+        try:
+            self.rejected_checkouts.add_one()
+            self.summary.rejected(self, err)  # renders err's context only for a summary
+            tracing.rejected_event(self.pool_attrs, state, retry_in)
+        except Exception:  # telemetry never breaks a call
+            logs.logger.debug("resilient_db telemetry hook rejected failed", exc_info=True)
 
     def _event_attrs(self, ctx: ErrorContext) -> dict[str, Any]:
         attrs = {**self.pool_attrs, "resilient_db.phase": ctx.phase}

@@ -19,10 +19,14 @@ to them (rather than the collecting request's trace); ``capacity=0`` records eve
 value at once (see ``docs/observability.md``). A flush gives up the GIL every
 :data:`BATCH` values, so the threads waiting on database replies meanwhile
 are not held up for the whole flush.
+
+A :class:`DeferredCount` does the same for a counter: the calls rejected by an
+open breaker come by the thousand, and each costs one atomic increment.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from array import array
@@ -31,7 +35,7 @@ from typing import Any
 
 from opentelemetry.context import Context
 
-__all__ = ["BATCH", "DEFAULT_CAPACITY", "Deferred"]
+__all__ = ["BATCH", "DEFAULT_CAPACITY", "Deferred", "DeferredCount"]
 
 #: Values held per histogram (and engine) between two collections: 512 KiB at most.
 DEFAULT_CAPACITY = 65_536
@@ -85,4 +89,30 @@ class Deferred:
             record(v, attributes, _NO_CONTEXT)
             if not i % BATCH:
                 time.sleep(0)  # let threads whose database reply came in run
+        return n
+
+
+class DeferredCount:
+    """Increments of one counter with one attribute set, added at the next flush."""
+
+    __slots__ = ("_count", "_flushed", "_lock", "attributes", "counter")
+
+    def __init__(self, counter: Any, attributes: dict[str, Any]) -> None:
+        self.counter = counter
+        self.attributes = attributes
+        self._count = itertools.count()
+        self._flushed = 0
+        self._lock = threading.Lock()
+
+    def add_one(self) -> None:
+        """Count one; ``next()`` on an ``itertools.count`` is a single C call: no lock."""
+        next(self._count)
+
+    def flush(self) -> int:
+        """Add what was counted since the last flush to the counter; returns how many."""
+        with self._lock:
+            seen = next(self._count)  # this call's own number: not counted next time
+            n, self._flushed = seen - self._flushed, seen + 1
+        if n:
+            self.counter.add(n, self.attributes)
         return n

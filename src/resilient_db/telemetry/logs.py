@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ErrorContext
+from ..errors import CircuitOpenError, ErrorContext
 
 if TYPE_CHECKING:
     from . import EngineTelemetry
@@ -125,8 +125,12 @@ class RejectionSummary:
         self.total = 0
         self._since: float | None = None
 
-    def rejected(self, tel: EngineTelemetry, ctx: ErrorContext) -> None:
-        """Count one rejection; log a summary when the interval has passed."""
+    def rejected(self, tel: EngineTelemetry, rejection: ErrorContext | CircuitOpenError) -> None:
+        """Count one rejection; log a summary when the interval has passed.
+
+        ``rejection``: its context, or the error (whose context is rendered only
+        for the summary).
+        """
         now = tel.resilience.clock()
         self.pending += 1
         self.total += 1
@@ -137,6 +141,9 @@ class RejectionSummary:
         if span < self.interval:
             return
         n, self.pending, self._since = self.pending, 0, now
+        ctx = rejection if isinstance(rejection, ErrorContext) else rejection.context
+        if ctx is None:  # pragma: no cover - a rejection always has its context
+            return
         retry = "when an operator closes it" if ctx.retry_in is None else f"in {ctx.retry_in:.1f}s"
         logger.warning(
             "Circuit breaker '%s' still open: %d call(s) rejected in the last %.0fs; "

@@ -34,6 +34,7 @@ __all__ = [
     "add_current_event",
     "end_span",
     "error_attributes",
+    "rejected_event",
     "start_span",
 ]
 
@@ -83,3 +84,15 @@ def add_current_event(name: str, attrs: dict[str, Any]) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, attrs)
+
+
+def rejected_event(pool_attrs: dict[str, Any], state: str, retry_in: float | None) -> None:
+    """``resilient_db.breaker.rejected`` on the caller's current span, if it records."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        attrs = {
+            **pool_attrs,
+            "resilient_db.breaker.state": state,
+            "resilient_db.retry_in": retry_in if retry_in is not None else -1.0,
+        }
+        span.add_event("resilient_db.breaker.rejected", attrs)
