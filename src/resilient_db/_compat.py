@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only, greenlet_spawn
@@ -25,6 +26,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 __all__ = [
     "PRIVATE_NAMES",
     "base_pool_class",
+    "asyncpg_dbapi_error",
     "checkin_failed",
     "checkin_unused",
     "commit_or_rollback_in",
@@ -63,9 +65,13 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("sqlalchemy.engine.Engine", "_proxied"),  # OptionEngine (Engine.execution_options())
     ("sqlalchemy.engine.Connection", "_commit_impl"),  # frame name
     ("sqlalchemy.engine.Connection", "_rollback_impl"),  # frame name
+    ("sqlalchemy.dialects.postgresql.asyncpg.AsyncAdapt_asyncpg_dbapi", "_asyncpg_error_translate"),
     ("sqlalchemy.util", "await_only"),
     ("sqlalchemy.util", "greenlet_spawn"),
 )
+
+#: the installed SQLAlchemy's (major, minor)
+SA_VERSION: tuple[int, int] = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2])  # type: ignore[assignment]
 
 _COMMIT_FRAMES = frozenset({"_commit_impl", "do_commit", "commit"})
 _ROLLBACK_FRAMES = frozenset({"_rollback_impl", "do_rollback", "rollback"})
@@ -225,3 +231,26 @@ def run_awaitable(awaitable: Any) -> Any:
 def spawn(fn: Callable[..., Any], *args: Any) -> Any:
     """Run sync ``fn`` in a greenlet so it may use async drivers (an awaitable)."""
     return greenlet_spawn(fn, *args)
+
+
+# -- drivers -----------------------------------------------------------------------------
+
+
+def asyncpg_dbapi_error(dbapi: Any, orig: BaseException) -> BaseException:
+    """The error SQLAlchemy's asyncpg adapter raises for asyncpg's ``orig``.
+
+    Its own DBAPI class, caused by ``orig``, with ``sqlstate`` / ``pgcode``;
+    2.0 prefixes the message with asyncpg's class and takes no ``error``
+    argument, 2.1 keeps asyncpg's message. ``orig`` itself when no class maps.
+    """
+    mapping = dbapi._asyncpg_error_translate
+    for base in type(orig).__mro__:
+        if base in mapping:
+            if SA_VERSION >= (2, 1):
+                exc: BaseException = mapping[base](orig.args[0], orig)
+            else:
+                exc = mapping[base](f"{type(orig)}: {orig}")
+            exc.pgcode = exc.sqlstate = getattr(orig, "sqlstate", None)  # type: ignore[attr-defined]
+            exc.__cause__ = orig
+            return exc
+    return orig
