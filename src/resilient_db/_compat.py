@@ -20,21 +20,24 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
 from sqlalchemy.util import await_only, greenlet_spawn
 
 __all__ = [
     "PRIVATE_NAMES",
-    "base_pool_class",
     "asyncpg_dbapi_error",
+    "base_pool_class",
     "checkin_failed",
     "checkin_unused",
     "commit_or_rollback_in",
-    "context_record_info",
+    "context_state",
+    "has_engine_creator",
     "invalidate_older",
     "is_invalidated",
+    "listeners_after",
     "max_overflow",
     "no_free_connection",
+    "pool_creator",
     "pool_dialect",
     "pool_do_get",
     "pool_do_return",
@@ -42,9 +45,12 @@ __all__ = [
     "queue_pool_can_grow",
     "queue_pool_limits",
     "reclass_pool",
-    "record_info_of",
+    "record_of",
+    "record_state",
     "run_awaitable",
+    "set_record_state",
     "spawn",
+    "wrap_creator",
 ]
 
 #: (owner, name) of every private SQLAlchemy attribute used; tests check each exists.
@@ -53,6 +59,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("sqlalchemy.pool.Pool", "_do_return_conn"),
     ("sqlalchemy.pool.Pool", "_dialect"),  # instance attribute
     ("sqlalchemy.pool.Pool", "_invalidate_time"),  # instance attribute
+    ("sqlalchemy.pool.Pool", "_creator"),  # property: setting it sets _invoke_creator
+    ("sqlalchemy.pool.Pool", "_invoke_creator"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_overflow"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_max_overflow"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_pool"),  # instance attribute: the idle-connection queue
@@ -158,6 +166,56 @@ def invalidate_older(pool: Pool, record: Any) -> None:
         pool._invalidate_time = time.time()
 
 
+def has_engine_creator(pool: Pool) -> bool:
+    """True when the pool connects through ``create_engine``'s own ``connect``.
+
+    That function runs the dialect's ``do_connect`` listeners; a ``creator=``
+    (or a ``pool=`` built by the application) connects past them.
+    """
+    creator = pool._creator
+    return (
+        getattr(creator, "__module__", None) == "sqlalchemy.engine.create"
+        and getattr(creator, "__name__", None) == "connect"
+    )
+
+
+def wrap_creator(pool: Pool, wrapper: Callable[[Callable[[Any], Any], Any], Any]) -> None:
+    """Make the pool connect through ``wrapper(invoke, record)``.
+
+    ``invoke(record)`` calls the pool's creator as SQLAlchemy would (with or
+    without the record, by its signature). ``Pool.recreate()`` (``dispose()``)
+    hands the wrapped creator to the new pool.
+    """
+    invoke: Callable[[Any], Any] = pool._invoke_creator
+    original = pool._creator
+
+    def resilient_creator(connection_record: Any = None) -> Any:
+        return wrapper(invoke, connection_record)
+
+    resilient_creator._rdb_creator = original  # type: ignore[attr-defined]
+    pool._creator = resilient_creator
+
+
+def pool_creator(pool: Pool) -> Any:
+    """The function the pool connects with (the application's, under :func:`wrap_creator`)."""
+    creator = pool._creator
+    return getattr(creator, "_rdb_creator", creator)
+
+
+def listeners_after(dialect: Any, identifier: str, fn: Callable[..., Any]) -> list[Any]:
+    """The dialect's ``identifier`` listeners registered after ``fn``, in calling order.
+
+    SQLAlchemy calls dialect listeners in registration order (``insert=True``
+    has no effect on them) and stops at the first ``do_connect`` listener that
+    returns a connection.
+    """
+    found = list(getattr(dialect.dispatch, identifier))
+    for i, listener in enumerate(found):
+        if listener is fn:
+            return found[i + 1 :]
+    return []
+
+
 # -- pool records ----------------------------------------------------------------------
 
 
@@ -176,30 +234,38 @@ def checkin_failed(record: Any, error: BaseException) -> None:
     record._checkin_failed(error, _fairy_was_created=False)
 
 
-def record_info_of(conn: Any) -> dict[str, Any] | None:
-    """The pool record's ``info`` of a Connection, a pooled or an ad-hoc DBAPI connection.
+#: resilient_db's own attribute on a pool record (its ``__slots__`` include ``__dict__``):
+#: the record's ``info`` is the application's, shown as ``Connection.info``
+STATE_ATTR = "_resilient_db"
 
-    The first connection's ``dialect.initialize()`` runs on an ad-hoc proxy of
-    the record, which has no ``info`` of its own.
+
+def record_of(conn: Any) -> Any:
+    """The pool record of a Connection, a pooled connection, an ad-hoc proxy, a context.
+
+    A Connection's and an execution context's ``_dbapi_connection`` is the
+    pooled connection (the first connection's ``dialect.initialize()`` runs on
+    an ad-hoc proxy, which names the record too). None when there is none.
     """
-    try:
-        info = conn.info  # Connection / pooled connection: the record's info dict
-    except Exception:
-        info = None
-    if isinstance(info, dict):
-        return info
-    record = getattr(getattr(conn, "_dbapi_connection", None), "_connection_record", None)
-    info = getattr(record, "info", None)
-    return info if isinstance(info, dict) else None
+    if isinstance(conn, ConnectionPoolEntry):
+        return conn
+    fairy = getattr(conn, "_dbapi_connection", conn)
+    return getattr(fairy, "_connection_record", None)
 
 
-def context_record_info(context: Any) -> dict[str, Any] | None:
-    """The pool record's ``info`` of an execution context (None if there is none)."""
-    try:
-        info = context._dbapi_connection.info
-    except Exception:
-        return None
-    return info if isinstance(info, dict) else None
+def record_state(record: Any) -> Any:
+    """resilient_db's state of a pool record (None if it has none yet)."""
+    return getattr(record, STATE_ATTR, None)
+
+
+def set_record_state(record: Any, state: Any) -> None:
+    """Give a pool record resilient_db's state (None: forget it, for a new connection)."""
+    setattr(record, STATE_ATTR, state)
+
+
+def context_state(context: Any) -> Any:
+    """resilient_db's state of an execution context's pool record (the hot path)."""
+    fairy = getattr(context, "_dbapi_connection", None)
+    return getattr(getattr(fairy, "_connection_record", None), STATE_ATTR, None)
 
 
 # -- engines and calls -------------------------------------------------------------------

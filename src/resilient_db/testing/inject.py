@@ -154,7 +154,7 @@ def _sync_engine(engine: Any) -> Engine:
 def error_kinds(engine: Any) -> tuple[str, ...]:
     """The fault kinds :func:`driver_error` can build for ``engine``'s driver."""
     e = _sync_engine(engine)
-    backend, driver = e.dialect.name, e.dialect.driver
+    backend, driver = e.dialect.name, getattr(e.dialect, "driver", "")
     if backend == "sqlite":
         return tuple(sorted(_SQLITE))
     if backend in ("mysql", "mariadb"):
@@ -183,7 +183,7 @@ def driver_error(engine: Any, kind: str, *, message: str | None = None) -> BaseE
         ValueError: the driver has no such fault.
     """
     e = _sync_engine(engine)
-    backend, driver = e.dialect.name, e.dialect.driver
+    backend, driver = e.dialect.name, getattr(e.dialect, "driver", "")
     url = e.url
     fields = {
         "host": url.host or "localhost",
