@@ -249,3 +249,13 @@ def test_asyncpg_dbapi_error_matches_the_adapter() -> None:
         exc.__cause__,
     )
     assert "deadlock detected" in str(exc)
+
+
+def test_installed_sqlalchemy_meets_the_declared_floor() -> None:
+    """pyproject's sqlalchemy floor is what CI installs at least (checked on both lines)."""
+    text = (SRC.parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"sqlalchemy>=([\d.]+)"', text)
+    assert floor is not None
+    want = tuple(int(p) for p in floor.group(1).split("."))
+    have = tuple(int(p) for p in re.findall(r"\d+", sa.__version__)[:3])
+    assert have >= want, f"SQLAlchemy {sa.__version__} is below the floor {floor.group(1)}"

@@ -16,13 +16,15 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import Pool
 
 from . import _compat
-from ._state import EXITS, Resilience, conn_state
+from ._state import EXITS, ConnState, Resilience, conn_state
 from ._watchdog import Slot
 from .breaker import CLOSED, Rejected
 from .classify import Kind, classify
 from .errors import CircuitOpenError, PoolExhaustedError
 
 __all__ = ["circuit_open", "install_pool", "pool_exhausted"]
+
+_STATE = _compat.STATE_ATTR  # a record's ConnState, read inline on the checkout hot path
 
 # kinds of a failed idle ping meaning the server closed the socket (a restart, an idle
 # timeout): the pool's older connections are dead too, reconnecting decides. A ping
@@ -133,7 +135,7 @@ def _ping(r: Resilience, pool: Pool, record: Any, probe: bool) -> bool:
     ping into silence is such evidence, and counts.
     """
     dbapi = record.dbapi_connection
-    st = _compat.record_state(record)
+    st = getattr(record, _STATE, None)
     slot: Slot | None = st.slot if st is not None else None
     call = r.policy.timeouts.call
     if slot is not None and call is not None:
@@ -163,7 +165,7 @@ def _idle_too_long(r: Resilience, rec: Any) -> bool:
     idle = r.ping_after_idle
     if idle is None:
         return False
-    st = _compat.record_state(rec)
+    st = getattr(rec, _STATE, None)
     since = st.idle_since if st is not None else None
     return since is not None and r.clock() - since > idle
 
@@ -244,7 +246,7 @@ def _checkin(self: Any, record: Any) -> None:
     if r.timing is not None:
         r.timing.checked_in(record)
     b = r.breaker
-    st = _compat.record_state(record)
+    st: ConnState | None = getattr(record, _STATE, None)
     if r.watch and st is not None:
         slot = st.slot
         if slot is not None:
@@ -258,7 +260,7 @@ def _checkin(self: Any, record: Any) -> None:
     if b is not None and (st is not None or r.probes or not b.quiet):
         probe = r.probes.pop(record, 0) if r.probes else 0
         failed = st is not None and st.failed
-        if failed:
+        if failed and st is not None:
             st.failed = False
         if failed or record.dbapi_connection is None:
             b.release(probe)

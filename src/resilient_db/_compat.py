@@ -7,8 +7,8 @@ pool's invalidation time, the execution context's DBAPI connection. Each name
 used is listed in :data:`PRIVATE_NAMES` and reached only through a function of
 this module; ``tests/test_compat.py`` checks every one against the installed
 SQLAlchemy, so an upgrade that renames one fails loudly there instead of
-misbehaving at run time. CI runs the suite on the oldest supported 2.0.x and
-on the newest SQLAlchemy.
+misbehaving at run time. CI runs the suite on the newest 2.0.x and on the
+newest SQLAlchemy.
 """
 
 from __future__ import annotations
