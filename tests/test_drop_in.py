@@ -104,7 +104,8 @@ def test_user_do_connect_listener_with_create_engine(
         seen.append(str(cparams.get("connect_timeout")))
         cparams["application_name"] = "iam-token-app"
 
-    assert ("iam-token-app", ["5"]) == (_application_name(engine), seen)
+    want = [f"{POLICY.timeouts.connect:g}"]  # the policy's connect timeout, set by create_engine
+    assert ("iam-token-app", want) == (_application_name(engine), seen)
 
 
 def test_connect_retries_apply_to_the_listeners_cparams(
@@ -299,33 +300,22 @@ def test_dialect_without_driver_attribute(
         assert 2 == conn.execute(sa.text("SELECT 2")).scalar()
 
 
-# -- wrap() keeps the engine's settings ------------------------------------------------------
+# -- wrap() sets the server-side statement timeout on both servers alike ---------------------
 
 
-def test_wrap_keeps_mariadb_session_settings(
-    mariadb_url: str, engines: Callable[[sa.Engine], sa.Engine]
+def test_wrap_sets_the_statement_timeout_alike_on_postgresql_and_mariadb(
+    pg_url: str, mariadb_url: str, engines: Callable[[sa.Engine], sa.Engine]
 ) -> None:
-    """wrap() leaves max_statement_time alone; create_engine() sets it from the policy."""
-    query = sa.text("SELECT @@max_statement_time")
-    plain = engines(sa.create_engine(mariadb_url))
-    with plain.connect() as conn:
-        server_default = float(conn.execute(query).scalar())  # type: ignore[arg-type]
-    wrapped = engines(resilient_db.wrap(sa.create_engine(mariadb_url), policy=POLICY))
-    made = engines(resilient_db.create_engine(mariadb_url, policy=POLICY, validate="off"))
-    with wrapped.connect() as a, made.connect() as b:
-        got = (float(a.execute(query).scalar()), float(b.execute(query).scalar()))  # type: ignore[arg-type]
-    assert (server_default, 30.0) == got
-
-
-def test_wrap_keeps_postgresql_session_settings(
-    pg_url: str, engines: Callable[[sa.Engine], sa.Engine]
-) -> None:
-    """wrap() leaves statement_timeout alone on PostgreSQL too."""
-    query = sa.text("SELECT current_setting('statement_timeout')")
-    wrapped = engines(resilient_db.wrap(sa.create_engine(pg_url), policy=POLICY))
-    plain = engines(sa.create_engine(pg_url))
-    with wrapped.connect() as a, plain.connect() as b:
-        assert b.execute(query).scalar() == a.execute(query).scalar()
+    """wrap() applies Timeouts.statement to PostgreSQL and MariaDB sessions, as documented."""
+    pg = engines(resilient_db.wrap(sa.create_engine(pg_url), policy=POLICY))
+    my = engines(resilient_db.wrap(sa.create_engine(mariadb_url), policy=POLICY))
+    with pg.connect() as a, my.connect() as b:
+        got = (
+            a.execute(sa.text("SELECT current_setting('statement_timeout')")).scalar(),
+            float(b.execute(sa.text("SELECT @@max_statement_time")).scalar()),  # type: ignore[arg-type]
+        )
+    statement = POLICY.timeouts.statement
+    assert (f"{statement:g}s", statement) == got
 
 
 # -- Connection.info is the application's ----------------------------------------------------

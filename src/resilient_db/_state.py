@@ -127,8 +127,6 @@ class Resilience:
         # the telemetry timing each execute (db.client.operation.duration), or None
         self.exec_timer: Any = None
         self.pymysql = driver == "pymysql"
-        # create_engine() (not wrap()) sets the session: MariaDB's max_statement_time
-        self.session_settings = False
         # host selection of a multi-host engine (resilient_db.failover.attach sets it)
         self.failover: Any = None
         # the silence detector and probe (resilient_db._probe.Monitor), or None

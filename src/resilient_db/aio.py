@@ -123,7 +123,6 @@ def create_async_engine(
         hosts=host_list,
         role=role if host_list is not None else None,
     )
-    resilience_of(engine).session_settings = True  # MariaDB's max_statement_time
     fo = _failover_of(engine)
     if fo is not None and mode != "off":
         # validate the server the engine picks, not whichever host is listed first

@@ -139,7 +139,6 @@ def create_engine(
         role=role if host_list is not None else None,
         hide_parameters=bool(kw["hide_parameters"]),
     )
-    resilience_of(engine).session_settings = True  # MariaDB's max_statement_time
     fo = resilience_of(engine).failover
     if fo is not None and mode != "off":
         # validate the server the engine picks, not whichever host is listed first
