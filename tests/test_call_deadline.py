@@ -26,6 +26,7 @@ from resilient_db import (
     Timeouts,
     error_context,
 )
+from resilient_db._deadline import slot_of
 from resilient_db.engine import driver_defaults
 from resilient_db.testing.proxy import FaultProxy
 from tests.bounded import abounded, bounded
@@ -169,7 +170,8 @@ async def test_stream_fetches_that_finish_leave_no_deadline_armed(pg_url: str) -
             sa.text("SELECT g FROM generate_series(1, 25) g"), execution_options={"yield_per": 10}
         )
         got = [r[0] async for r in rows]
-        slot = c.info["resilient_db.slot"]
+        slot = slot_of(c.sync_connection)
+    assert slot is not None
     assert (list(range(1, 26)), 0.0, False) == (got, slot.deadline, slot.fired)
     assert 1 == await select_one(engine)
     await engine.dispose()
@@ -227,7 +229,7 @@ async def test_asyncpg_command_timeout_given_by_the_caller_wins(
     )
     async with engine.connect() as c:
         await c.execute(sa.text("SELECT 1"))
-        watched = "resilient_db.slot" in c.info
+        watched = slot_of(c.sync_connection) is not None
         proxy.blackhole()
         t0 = time.monotonic()
         with pytest.raises(sa.exc.OperationalError) as info:
@@ -284,7 +286,7 @@ def test_failed_setup_disarms_its_deadline(pg_url: str) -> None:
 
     def boom(dbapi_connection: Any, record: Any) -> None:
         if not slots:
-            slots.append(record.info["resilient_db.slot"])
+            slots.append(slot_of(record))
             dbapi_connection.cursor().execute("SELECT 1/0")  # a DBAPI error in the set-up
 
     event.listen(engine, "connect", boom, insert=True)  # before resilient_db's last listener

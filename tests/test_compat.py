@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "resilient_db"
 _INSTANCE = {
     ("sqlalchemy.pool.Pool", "_dialect"),
     ("sqlalchemy.pool.Pool", "_invalidate_time"),
+    ("sqlalchemy.pool.Pool", "_invoke_creator"),
     ("sqlalchemy.pool.QueuePool", "_overflow"),
     ("sqlalchemy.pool.QueuePool", "_max_overflow"),
     ("sqlalchemy.pool.QueuePool", "_pool"),
@@ -104,8 +105,9 @@ def test_pool_functions_against_a_real_queue_pool() -> None:
             _compat.queue_pool_can_grow(engine.pool),
             _compat.no_free_connection(engine.pool),
         )
-        info = _compat.record_info_of(conn)
-        assert info is conn.info
+        record = _compat.record_of(conn)
+        assert record is conn._dbapi_connection._connection_record
+        assert record is _compat.record_of(conn.connection)
     assert ["get", "return"] == got
     assert _compat.no_free_connection(engine.pool) is False
     engine.dispose()
@@ -159,3 +161,101 @@ def test_no_private_sqlalchemy_name_outside_compat() -> None:
 def test_sqlalchemy_version_is_supported() -> None:
     """The installed SQLAlchemy is a 2.x the project says it supports."""
     assert sa.__version__.startswith("2."), sys.version
+
+
+def test_pool_creator_functions() -> None:
+    """has_engine_creator tells create_engine's connect from creator=; wrap_creator wraps it."""
+    plain = sa.create_engine("sqlite://", poolclass=QueuePool)
+    import sqlite3
+
+    own = sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(":memory:"))
+    assert (True, False) == (
+        _compat.has_engine_creator(plain.pool),
+        _compat.has_engine_creator(own.pool),
+    )
+    calls: list[object] = []
+
+    def wrapper(invoke, record):  # type: ignore[no-untyped-def]
+        calls.append(record)
+        return invoke(record)
+
+    original = own.pool._creator
+    _compat.wrap_creator(own.pool, wrapper)
+    assert original is _compat.pool_creator(own.pool)
+    with own.connect() as conn:
+        assert 1 == conn.exec_driver_sql("SELECT 1").scalar()
+    own.dispose()  # recreate() hands the wrapped creator to the new pool
+    with own.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    assert 2 == len(calls)
+    assert calls[0] is not None
+    plain.dispose()
+
+
+def test_dialect_listeners_run_in_registration_order_and_stop_at_a_connection() -> None:
+    """listeners_after relies on do_connect order: insert=True ignored, first connection wins."""
+    engine = sa.create_engine("sqlite://")
+    order: list[str] = []
+
+    def first(*args):  # type: ignore[no-untyped-def]
+        order.append("first")
+
+    def second(dialect, rec, cargs, cparams):  # type: ignore[no-untyped-def]
+        order.append("second")
+        return dialect.connect(*cargs, **cparams)
+
+    def third(*args):  # type: ignore[no-untyped-def]
+        order.append("third")
+
+    sa.event.listen(engine, "do_connect", first)
+    sa.event.listen(engine, "do_connect", second)
+    sa.event.listen(engine, "do_connect", third, insert=True)
+    assert [second, third] == _compat.listeners_after(engine.dialect, "do_connect", first)
+    engine.connect().close()
+    assert ["first", "second"] == order
+    engine.dispose()
+
+
+def test_record_state_lives_off_the_records_info() -> None:
+    """A pool record takes resilient_db's attribute; context_state finds it from a context."""
+    engine = sa.create_engine("sqlite://", poolclass=QueuePool)
+    marker = object()
+    seen: list[object] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def grab(conn, cursor, statement, params, context, many):  # type: ignore[no-untyped-def]
+        seen.append(_compat.context_state(context))
+
+    with engine.connect() as conn:
+        _compat.set_record_state(_compat.record_of(conn), marker)
+        conn.exec_driver_sql("SELECT 1")
+        assert ({}, marker) == (conn.info, _compat.record_state(_compat.record_of(conn)))
+    assert [marker] == seen
+    engine.dispose()
+
+
+def test_asyncpg_dbapi_error_matches_the_adapter() -> None:
+    """The asyncpg adapter's error for an asyncpg error: its DBAPI class, sqlstate, cause."""
+    pytest.importorskip("asyncpg")
+    import asyncpg.exceptions
+
+    engine = sa.create_engine("postgresql+asyncpg://u@h/db")
+    dbapi = engine.dialect.loaded_dbapi
+    orig = asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+    exc = _compat.asyncpg_dbapi_error(dbapi, orig)
+    assert (dbapi.Error, "40P01", orig) == (
+        type(exc),
+        exc.sqlstate,  # type: ignore[attr-defined]
+        exc.__cause__,
+    )
+    assert "deadlock detected" in str(exc)
+
+
+def test_installed_sqlalchemy_meets_the_declared_floor() -> None:
+    """pyproject's sqlalchemy floor is what CI installs at least (checked on both lines)."""
+    text = (SRC.parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"sqlalchemy>=([\d.]+)"', text)
+    assert floor is not None
+    want = tuple(int(p) for p in floor.group(1).split("."))
+    have = tuple(int(p) for p in re.findall(r"\d+", sa.__version__)[:3])
+    assert have >= want, f"SQLAlchemy {sa.__version__} is below the floor {floor.group(1)}"

@@ -39,6 +39,7 @@ from resilient_db import (
     error_context,
     run_transaction,
 )
+from resilient_db._state import conn_state
 from resilient_db.engine import resilience_of
 from resilient_db.failover import Failover, Host, hosts_of, split_url
 from resilient_db.testing.proxy import FaultProxy
@@ -342,7 +343,7 @@ def test_async_bad_host_configuration(kwargs: dict[str, Any], field: str) -> Non
 
 
 def test_host_label_is_written_on_the_record_being_connected(pg_url: str) -> None:
-    """The chosen host is in the record's info before any pool connect listener runs."""
+    """The chosen host is in the record's state before any pool connect listener runs."""
     live = sa.make_url(pg_url).port or 5432
     engine = resilient_db.create_engine(
         pg_url, hosts=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{live}"], policy=POLICY
@@ -350,7 +351,7 @@ def test_host_label_is_written_on_the_record_being_connected(pg_url: str) -> Non
     seen: list[object] = []
 
     def connect_listener(dbapi_connection: Any, record: Any) -> None:
-        seen.append(record.info.get("resilient_db.host"))
+        seen.append(conn_state(record).host)
         if len(seen) == 1:
             raise RuntimeError("a session setting failed")
 

@@ -38,6 +38,7 @@ from resilient_db import (
     breaker_of,
     error_context,
 )
+from resilient_db._deadline import slot_of
 from resilient_db._watchdog import Slot, Watchdog, _shutdown, socket_fileno
 from resilient_db.breaker import CLOSED, HALF_OPEN, OPEN
 from resilient_db.engine import resilience_of
@@ -685,7 +686,8 @@ def test_fire_landing_as_a_call_returns_fails_only_the_next_call_of_that_connect
         pids = {_backend_pid(a), _backend_pid(b)}
     with engine.connect() as c:
         shot_pid = _backend_pid(c)
-        slot = c.info["resilient_db.slot"]
+        slot = slot_of(c)
+        assert slot is not None
         slot.fired = True  # the watchdog fired while this call was returning...
         assert 1 == c.execute(sa.text("SELECT 1")).scalar()
         _shoot(c)  # ...and shut the socket down
@@ -706,12 +708,15 @@ def test_shot_connection_returned_to_the_pool_is_never_handed_out_again(pg_url: 
     )
     with engine.connect() as c:
         before = _backend_pid(c)
-        c.info["resilient_db.slot"].fired = True  # the watchdog fired as the call returned
+        fired = slot_of(c)
+        assert fired is not None
+        fired.fired = True  # the watchdog fired as the call returned
         c.execute(sa.text("SELECT 1"))
         _shoot(c)
     with engine.connect() as c:
         after = _backend_pid(c)
-        slot = c.info["resilient_db.slot"]
+        slot = slot_of(c)
+    assert slot is not None
     assert (True, False) == (before != after, slot.shot)
     engine.dispose()
 

@@ -17,8 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import Pool
 
 from . import _compat
-from ._deadline import SLOT
-from ._state import EXITS, Resilience
+from ._state import EXITS, ConnState, Resilience, conn_state
 from ._watchdog import Slot
 from .breaker import CLOSED, OPEN, Rejected
 from .classify import Kind, classify
@@ -26,13 +25,12 @@ from .errors import CircuitOpenError, ErrorContext, PoolExhaustedError
 
 __all__ = ["circuit_open", "install_pool", "pool_exhausted"]
 
+_STATE = _compat.STATE_ATTR  # a record's ConnState, read inline on the checkout hot path
+
 # kinds of a failed idle ping meaning the server closed the socket (a restart, an idle
 # timeout): the pool's older connections are dead too, reconnecting decides. A ping
 # into silence (read_timeout) still counts: reconnecting would wait out a timeout.
 _GONE = frozenset({Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT})
-
-FAILED = "resilient_db.failed"  # a checkout that must not count as a success
-IDLE_SINCE = "resilient_db.idle_since"
 
 
 def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
@@ -115,9 +113,7 @@ def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
     try:
         if waited and not probe and b is not None and b.state is not CLOSED:
             probe = b.before_call()
-        idle = r.ping_after_idle
-        since = rec.info.get(IDLE_SINCE)
-        stale = idle is not None and since is not None and r.clock() - since > idle
+        stale = _idle_too_long(r, rec)
         # a probe's verdict must come from the database, not from an idle pooled socket
         if (
             (stale or probe)
@@ -134,7 +130,7 @@ def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
         if probe:
             r.probes[rec] = probe
     except Rejected as rej:
-        rec.info[FAILED] = True  # handed back unused: no verdict
+        conn_state(rec).failed = True  # handed back unused: no verdict
         _compat.checkin_unused(rec)
         raise circuit_open(r, rej) from None
     except BaseException as e:
@@ -155,7 +151,8 @@ def _ping(r: Resilience, pool: Pool, record: Any, probe: bool) -> bool:
     ping into silence is such evidence, and counts.
     """
     dbapi = record.dbapi_connection
-    slot: Slot | None = record.info.get(SLOT)
+    st = getattr(record, _STATE, None)
+    slot: Slot | None = st.slot if st is not None else None
     call = r.policy.timeouts.call
     if slot is not None and call is not None:
         slot.arm(min(call, r.policy.timeouts.connect or call))
@@ -184,7 +181,8 @@ def _idle_too_long(r: Resilience, rec: Any) -> bool:
     idle = r.ping_after_idle
     if idle is None:
         return False
-    since = rec.info.get(IDLE_SINCE)
+    st = getattr(rec, _STATE, None)
+    since = st.idle_since if st is not None else None
     return since is not None and r.clock() - since > idle
 
 
@@ -267,25 +265,28 @@ def _checkin(self: Any, record: Any) -> None:
     if r.timing is not None:
         r.timing.checked_in(record)
     b = r.breaker
-    info = record.info
-    if r.watch:
-        slot = info.get(SLOT)
+    st: ConnState | None = getattr(record, _STATE, None)
+    if r.watch and st is not None:
+        slot = st.slot
         if slot is not None:
             slot.own_call = -1.0  # a deadline raised for one checkout ends with it
         if slot is not None and slot.shot:
             # its socket was shut down after its call returned: never hand it out again
-            info[FAILED] = True
+            st.failed = True
             record.invalidate(soft=True)  # reconnected at its next checkout
-    # an empty info (SQLite) carries no mark: skip the pops; a server connection's
-    # info always holds its watchdog slot or idle time, so there they run every time
-    if b is not None and (info or r.probes or not b.quiet):
+    # a record without state (SQLite) carries no mark: skip the reads; a server
+    # connection's state always holds its watchdog slot or idle time
+    if b is not None and (st is not None or r.probes or not b.quiet):
         probe = r.probes.pop(record, 0) if r.probes else 0
-        if info.pop(FAILED, False) or record.dbapi_connection is None:
+        failed = st is not None and st.failed
+        if failed and st is not None:
+            st.failed = False
+        if failed or record.dbapi_connection is None:
             b.release(probe)
         elif probe or not b.quiet:
             b.record_success(probe)
     if r.ping_after_idle is not None:
-        info[IDLE_SINCE] = r.clock()
+        (st if st is not None else conn_state(record)).idle_since = r.clock()
     _compat.pool_do_return(self._rdb_base, self, record)
 
 

@@ -13,13 +13,15 @@ All through SQLAlchemy's own extension points:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from . import _compat
 from ._admission import install_pool
-from ._connect import connect, mariadb_session
+from ._connect import connect, connect_with, mariadb_session
 from ._deadline import (
     SETTING_UP,
     guard_calls,
@@ -34,6 +36,16 @@ from ._state import Resilience
 __all__ = ["install"]
 
 
+def _new_connection(r: Resilience, rec: Any, open_: Callable[[], Any]) -> Any:
+    """Run one connect sequence ``open_`` (with its span) and give the result its slot."""
+    SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
+    tel = r.telemetry  # a span and timing around the whole connect sequence
+    conn = open_() if tel is None else tel.connect(lambda *_: open_(), None, None, None)
+    if r.watch:  # before the pool's connect listeners: they run the set-up queries
+        watch_connection(r, conn, rec)
+    return conn
+
+
 def install(engine: Engine, r: Resilience) -> None:
     """Attach ``r`` to ``engine``: pool admission, event listeners, call deadline."""
     # OpenTelemetry's API loads with the first engine, not with `import resilient_db`
@@ -44,14 +56,10 @@ def install(engine: Engine, r: Resilience) -> None:
         r.monitor = Monitor(r)
 
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
-        SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
-        tel = r.telemetry  # a span and timing around the whole connect sequence
-        if tel is None:
-            conn = connect(r, d, ca, cp, rec)
-        else:
-            conn = tel.connect(lambda d_, ca_, cp_: connect(r, d_, ca_, cp_, rec), d, ca, cp)
-        if r.watch:  # before the pool's connect listeners: they run the set-up queries
-            watch_connection(r, conn, rec)
+        # the application's listeners registered after this one (after wrap()) run
+        # first, in each attempt: SQLAlchemy stops at the connection returned here
+        later = _compat.listeners_after(d, "do_connect", do_connect)
+        conn = _new_connection(r, rec, lambda: connect(r, d, ca, cp, rec, later))
         m = r.monitor
         if m is not None:  # the database answers; a MySQL probe logs in with these
             m.connect_kwargs = cp
@@ -59,6 +67,14 @@ def install(engine: Engine, r: Resilience) -> None:
         return conn
 
     event.listen(engine, "do_connect", do_connect)
+    if not _compat.has_engine_creator(engine.pool):
+        # creator= connects past do_connect: the same connect sequence around it
+        dialect = engine.dialect
+
+        def creator(invoke: Callable[[Any], Any], rec: Any) -> Any:
+            return _new_connection(r, rec, lambda: connect_with(r, dialect, lambda: invoke(rec)))
+
+        _compat.wrap_creator(engine.pool, creator)
     event.listen(engine, "handle_error", handle_error(r))
     attach_telemetry(engine, r)  # metrics, spans and logs (no-ops until an SDK is set)
     if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:

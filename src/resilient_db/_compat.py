@@ -7,8 +7,8 @@ pool's invalidation time, the execution context's DBAPI connection. Each name
 used is listed in :data:`PRIVATE_NAMES` and reached only through a function of
 this module; ``tests/test_compat.py`` checks every one against the installed
 SQLAlchemy, so an upgrade that renames one fails loudly there instead of
-misbehaving at run time. CI runs the suite on the oldest supported 2.0.x and
-on the newest SQLAlchemy.
+misbehaving at run time. CI runs the suite on the newest 2.0.x and on the
+newest SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -18,21 +18,26 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
 from sqlalchemy.util import await_only, greenlet_spawn
 
 __all__ = [
     "PRIVATE_NAMES",
+    "asyncpg_dbapi_error",
     "base_pool_class",
     "checkin_failed",
     "checkin_unused",
     "commit_or_rollback_in",
-    "context_record_info",
+    "context_state",
+    "has_engine_creator",
     "invalidate_older",
     "is_invalidated",
+    "listeners_after",
     "max_overflow",
     "no_free_connection",
+    "pool_creator",
     "pool_dialect",
     "pool_do_get",
     "pool_do_return",
@@ -40,9 +45,12 @@ __all__ = [
     "queue_pool_can_grow",
     "queue_pool_limits",
     "reclass_pool",
-    "record_info_of",
+    "record_of",
+    "record_state",
     "run_awaitable",
+    "set_record_state",
     "spawn",
+    "wrap_creator",
 ]
 
 #: (owner, name) of every private SQLAlchemy attribute used; tests check each exists.
@@ -51,6 +59,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("sqlalchemy.pool.Pool", "_do_return_conn"),
     ("sqlalchemy.pool.Pool", "_dialect"),  # instance attribute
     ("sqlalchemy.pool.Pool", "_invalidate_time"),  # instance attribute
+    ("sqlalchemy.pool.Pool", "_creator"),  # property: setting it sets _invoke_creator
+    ("sqlalchemy.pool.Pool", "_invoke_creator"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_overflow"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_max_overflow"),  # instance attribute
     ("sqlalchemy.pool.QueuePool", "_pool"),  # instance attribute: the idle-connection queue
@@ -63,9 +73,13 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("sqlalchemy.engine.Engine", "_proxied"),  # OptionEngine (Engine.execution_options())
     ("sqlalchemy.engine.Connection", "_commit_impl"),  # frame name
     ("sqlalchemy.engine.Connection", "_rollback_impl"),  # frame name
+    ("sqlalchemy.dialects.postgresql.asyncpg.AsyncAdapt_asyncpg_dbapi", "_asyncpg_error_translate"),
     ("sqlalchemy.util", "await_only"),
     ("sqlalchemy.util", "greenlet_spawn"),
 )
+
+#: the installed SQLAlchemy's (major, minor)
+SA_VERSION: tuple[int, int] = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2])  # type: ignore[assignment]
 
 _COMMIT_FRAMES = frozenset({"_commit_impl", "do_commit", "commit"})
 _ROLLBACK_FRAMES = frozenset({"_rollback_impl", "do_rollback", "rollback"})
@@ -152,6 +166,56 @@ def invalidate_older(pool: Pool, record: Any) -> None:
         pool._invalidate_time = time.time()
 
 
+def has_engine_creator(pool: Pool) -> bool:
+    """True when the pool connects through ``create_engine``'s own ``connect``.
+
+    That function runs the dialect's ``do_connect`` listeners; a ``creator=``
+    (or a ``pool=`` built by the application) connects past them.
+    """
+    creator = pool._creator
+    return (
+        getattr(creator, "__module__", None) == "sqlalchemy.engine.create"
+        and getattr(creator, "__name__", None) == "connect"
+    )
+
+
+def wrap_creator(pool: Pool, wrapper: Callable[[Callable[[Any], Any], Any], Any]) -> None:
+    """Make the pool connect through ``wrapper(invoke, record)``.
+
+    ``invoke(record)`` calls the pool's creator as SQLAlchemy would (with or
+    without the record, by its signature). ``Pool.recreate()`` (``dispose()``)
+    hands the wrapped creator to the new pool.
+    """
+    invoke: Callable[[Any], Any] = pool._invoke_creator
+    original = pool._creator
+
+    def resilient_creator(connection_record: Any = None) -> Any:
+        return wrapper(invoke, connection_record)
+
+    resilient_creator._rdb_creator = original  # type: ignore[attr-defined]
+    pool._creator = resilient_creator
+
+
+def pool_creator(pool: Pool) -> Any:
+    """The function the pool connects with (the application's, under :func:`wrap_creator`)."""
+    creator = pool._creator
+    return getattr(creator, "_rdb_creator", creator)
+
+
+def listeners_after(dialect: Any, identifier: str, fn: Callable[..., Any]) -> list[Any]:
+    """The dialect's ``identifier`` listeners registered after ``fn``, in calling order.
+
+    SQLAlchemy calls dialect listeners in registration order (``insert=True``
+    has no effect on them) and stops at the first ``do_connect`` listener that
+    returns a connection.
+    """
+    found = list(getattr(dialect.dispatch, identifier))
+    for i, listener in enumerate(found):
+        if listener is fn:
+            return found[i + 1 :]
+    return []
+
+
 # -- pool records ----------------------------------------------------------------------
 
 
@@ -170,30 +234,38 @@ def checkin_failed(record: Any, error: BaseException) -> None:
     record._checkin_failed(error, _fairy_was_created=False)
 
 
-def record_info_of(conn: Any) -> dict[str, Any] | None:
-    """The pool record's ``info`` of a Connection, a pooled or an ad-hoc DBAPI connection.
+#: resilient_db's own attribute on a pool record (its ``__slots__`` include ``__dict__``):
+#: the record's ``info`` is the application's, shown as ``Connection.info``
+STATE_ATTR = "_resilient_db"
 
-    The first connection's ``dialect.initialize()`` runs on an ad-hoc proxy of
-    the record, which has no ``info`` of its own.
+
+def record_of(conn: Any) -> Any:
+    """The pool record of a Connection, a pooled connection, an ad-hoc proxy, a context.
+
+    A Connection's and an execution context's ``_dbapi_connection`` is the
+    pooled connection (the first connection's ``dialect.initialize()`` runs on
+    an ad-hoc proxy, which names the record too). None when there is none.
     """
-    try:
-        info = conn.info  # Connection / pooled connection: the record's info dict
-    except Exception:
-        info = None
-    if isinstance(info, dict):
-        return info
-    record = getattr(getattr(conn, "_dbapi_connection", None), "_connection_record", None)
-    info = getattr(record, "info", None)
-    return info if isinstance(info, dict) else None
+    if isinstance(conn, ConnectionPoolEntry):
+        return conn
+    fairy = getattr(conn, "_dbapi_connection", conn)
+    return getattr(fairy, "_connection_record", None)
 
 
-def context_record_info(context: Any) -> dict[str, Any] | None:
-    """The pool record's ``info`` of an execution context (None if there is none)."""
-    try:
-        info = context._dbapi_connection.info
-    except Exception:
-        return None
-    return info if isinstance(info, dict) else None
+def record_state(record: Any) -> Any:
+    """resilient_db's state of a pool record (None if it has none yet)."""
+    return getattr(record, STATE_ATTR, None)
+
+
+def set_record_state(record: Any, state: Any) -> None:
+    """Give a pool record resilient_db's state (None: forget it, for a new connection)."""
+    setattr(record, STATE_ATTR, state)
+
+
+def context_state(context: Any) -> Any:
+    """resilient_db's state of an execution context's pool record (the hot path)."""
+    fairy = getattr(context, "_dbapi_connection", None)
+    return getattr(getattr(fairy, "_connection_record", None), STATE_ATTR, None)
 
 
 # -- engines and calls -------------------------------------------------------------------
@@ -225,3 +297,26 @@ def run_awaitable(awaitable: Any) -> Any:
 def spawn(fn: Callable[..., Any], *args: Any) -> Any:
     """Run sync ``fn`` in a greenlet so it may use async drivers (an awaitable)."""
     return greenlet_spawn(fn, *args)
+
+
+# -- drivers -----------------------------------------------------------------------------
+
+
+def asyncpg_dbapi_error(dbapi: Any, orig: BaseException) -> BaseException:
+    """The error SQLAlchemy's asyncpg adapter raises for asyncpg's ``orig``.
+
+    Its own DBAPI class, caused by ``orig``, with ``sqlstate`` / ``pgcode``;
+    2.0 prefixes the message with asyncpg's class and takes no ``error``
+    argument, 2.1 keeps asyncpg's message. ``orig`` itself when no class maps.
+    """
+    mapping = dbapi._asyncpg_error_translate
+    for base in type(orig).__mro__:
+        if base in mapping:
+            if SA_VERSION >= (2, 1):
+                exc: BaseException = mapping[base](orig.args[0], orig)
+            else:
+                exc = mapping[base](f"{type(orig)}: {orig}")
+            exc.pgcode = exc.sqlstate = getattr(orig, "sqlstate", None)  # type: ignore[attr-defined]
+            exc.__cause__ = orig
+            return exc
+    return orig

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -25,32 +25,86 @@ from .breaker import CLOSED, OPEN, Rejected
 from .classify import RetryLevel, Target, classify
 from .errors import attach
 
-__all__ = ["connect", "mariadb_session", "open_connection"]
+__all__ = [
+    "connect",
+    "connect_with",
+    "is_driver_error",
+    "mariadb_session",
+    "open_connection",
+    "opener",
+]
 
 
-def connect(r: Resilience, dialect: Any, cargs: Any, cparams: Any, rec: Any = None) -> Any:
-    """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record)."""
+def connect(
+    r: Resilience,
+    dialect: Any,
+    cargs: Any,
+    cparams: Any,
+    rec: Any = None,
+    later: Sequence[Callable[..., Any]] = (),
+) -> Any:
+    """Open a DBAPI connection, retrying what is safe to retry (``rec``: the pool record).
+
+    ``later``: the engine's ``do_connect`` listeners registered after resilient_db's,
+    run by each attempt before the driver's connect, on copies of ``cargs`` and
+    ``cparams`` (one that returns a connection makes that attempt's connection).
+    """
+
+    def attempt() -> Any:
+        ca, cp = (list(cargs), dict(cparams)) if later else (cargs, cparams)
+        for fn in later:
+            conn = fn(dialect, rec, ca, cp)
+            if conn is not None:
+                return conn
+        if r.failover is not None:  # a multi-host engine picks the host (failover.py)
+            return r.failover.connect(dialect, ca, cp, opener(r), rec)
+        return open_connection(r, dialect, ca, cp)
+
+    return connect_with(r, dialect, attempt)
+
+
+def connect_with(r: Resilience, dialect: Any, attempt: Callable[[], Any]) -> Any:
+    """Run connect attempts until one succeeds or retrying is no longer safe.
+
+    The engine's own connect (:func:`connect`) or a ``creator=`` function.
+    """
     if r.monitor is not None and r.monitor.probing:
         _await_verdict(r)  # do not connect into a database that may have gone silent
     start = r.clock()
     try:
-        return _connect_once(r, dialect, cargs, cparams, rec)
+        return _connect_once(r, attempt)
     except EXITS:
         raise
     except BaseException as e:
         error = e
     # outside the except block, so a later attempt's error is not chained to this one
-    return _connect_retrying(r, dialect, cargs, cparams, error, start, rec)
+    return _connect_retrying(r, dialect, attempt, error, start)
 
 
-def _connect_once(r: Resilience, dialect: Any, cargs: Any, cparams: Any, rec: Any) -> Any:
-    """One connect attempt: injected faults first, then the (failover-chosen) host."""
+def _connect_once(r: Resilience, attempt: Callable[[], Any]) -> Any:
+    """One connect attempt: injected faults first, then the attempt itself."""
     r.connect_attempts += 1
     for fault in r.connect_faults:
         fault()
-    if r.failover is not None:  # a multi-host engine picks the host (failover.py)
-        return r.failover.connect(dialect, cargs, cparams, opener(r), rec)
-    return open_connection(r, dialect, cargs, cparams)
+    return attempt()
+
+
+def is_driver_error(dialect: Any, error: BaseException) -> bool:
+    """True for an error of the driver or the network, False for a program's own.
+
+    A ``TypeError`` from a bad ``connect_args`` key or an application's exception
+    raised in its ``do_connect`` listener is not a database failure: it passes
+    through unchanged, without retries and without counting for the breaker.
+    """
+    if isinstance(error, (sa_exc.SQLAlchemyError, OSError, asyncio.TimeoutError)):
+        return True
+    dbapi = getattr(dialect, "loaded_dbapi", None)
+    base = getattr(dbapi, "Error", None)
+    if isinstance(base, type) and isinstance(error, base):
+        return True
+    # asyncpg raises its own exceptions at connect, outside the DBAPI adapter's classes
+    driver = str(getattr(dialect, "driver", "") or "").lower()
+    return bool(driver) and type(error).__module__.split(".")[0].lower() == driver
 
 
 def opener(r: Resilience) -> Callable[[Any, Any, Any], Any]:
@@ -78,11 +132,9 @@ def open_connection(r: Resilience, dialect: Any, cargs: Any, cparams: Any) -> An
 def _connect_retrying(
     r: Resilience,
     dialect: Any,
-    cargs: Any,
-    cparams: Any,
+    attempt_fn: Callable[[], Any],
     error: BaseException,
     start: float,
-    rec: Any,
 ) -> Any:
     """The retry loop, entered only after a first attempt failed."""
     policy = r.policy.retry
@@ -91,6 +143,8 @@ def _connect_retrying(
     history: list[str] = []
     attempt = 1
     while True:
+        if not is_driver_error(dialect, error):
+            raise error  # the program's own error: unchanged, not retried, not counted
         # a multi-host engine's attempt names the host it tried (failover.TARGET_ATTR)
         tried = getattr(error, "resilient_db_target", None)
         t = tried if isinstance(tried, Target) else r.target
@@ -112,7 +166,7 @@ def _connect_retrying(
             _sleep(r, pause)
             attempt += 1
             try:
-                return _connect_once(r, dialect, cargs, cparams, rec)
+                return _connect_once(r, attempt_fn)
             except EXITS:
                 raise
             except BaseException as e:

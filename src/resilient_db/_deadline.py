@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _compat
-from ._state import Resilience
+from ._state import ConnState, Resilience, conn_state
 from ._watchdog import FOREVER, WATCHDOG, Slot, socket_fileno
 from .errors import ConfigurationError
 
@@ -31,8 +31,6 @@ __all__ = [
     "slot_of",
     "watch_connection",
 ]
-
-SLOT = "resilient_db.slot"  # the key of a record's watchdog slot in its info dict
 
 _perf = time.perf_counter
 
@@ -55,7 +53,10 @@ def watch_connection(r: Resilience, dbapi_connection: Any, record: Any) -> None:
     connection given its own ``command_timeout`` gets no slot: asyncpg
     bounds every call of it already, and the caller's setting wins.
     """
-    if not r.watch or record is None or SLOT in record.info:
+    if not r.watch or record is None:
+        return
+    st = _compat.record_state(record)
+    if st is not None and st.slot is not None and st.dbapi is dbapi_connection:
         return
     SETTING_UP.set(None)
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
@@ -74,7 +75,8 @@ def watch_connection(r: Resilience, dbapi_connection: Any, record: Any) -> None:
 
     slot = WATCHDOG.slot(fd, r.monitor)
     slot.arm(r.policy.timeouts.call)  # type: ignore[arg-type]
-    record.info[SLOT] = slot
+    st = conn_state(record)
+    st.slot, st.dbapi = slot, dbapi_connection
     SETTING_UP.set(slot)
 
 
@@ -86,10 +88,11 @@ def on_connect(r: Resilience) -> Callable[[Any, Any], None]:
     """
 
     def listener(dbapi_connection: Any, record: Any) -> None:
-        slot = record.info.get(SLOT)
-        if slot is None:
-            watch_connection(r, dbapi_connection, record)
-            slot = record.info.get(SLOT)
+        # a connection that did not come through do_connect: a listener before
+        # resilient_db's returned it, and the record's state is its predecessor's
+        watch_connection(r, dbapi_connection, record)
+        st = _compat.record_state(record)
+        slot = st.slot if st is not None and st.dbapi is dbapi_connection else None
         if slot is not None:
             slot.disarm(0.0)  # shot during the set-up: its first call fails as read_timeout
         SETTING_UP.set(None)
@@ -108,8 +111,8 @@ def _bounds_own_calls(driver: Any) -> bool:
 
 def slot_of(conn: Any) -> Slot | None:
     """The watchdog slot of a Connection, pooled or ad-hoc DBAPI connection."""
-    info = _compat.record_info_of(conn)
-    slot = info.get(SLOT) if info is not None else None
+    st = _compat.record_state(_compat.record_of(conn))
+    slot = st.slot if st is not None else None
     return slot if isinstance(slot, Slot) else None
 
 
@@ -136,9 +139,9 @@ def _own_call(value: Any) -> float:
     return float(value)
 
 
-def slow(r: Resilience, info: dict[str, Any]) -> None:
+def slow(r: Resilience, st: ConnState) -> None:
     """A call outlived the slow-call threshold: count it and spoil the checkout."""
-    info["resilient_db.failed"] = True
+    st.failed = True
     if r.breaker is not None:
         r.breaker.record_failure(
             f"A call to {r.target.where} took longer than the slow-call threshold "
@@ -168,14 +171,14 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
 
     def guard(
         original: Callable[..., Any],
-        info_of: Callable[..., Any],
+        state_of: Callable[..., Any],
         rollback: bool = False,
         timed: bool = False,
     ) -> Callable[..., Any]:
         def guarded(*args: Any) -> Any:
-            # the record's info up front only for the watchdog slot; a slow call reads it after
-            info = info_of(args) if call is not None else None
-            slot = info.get(SLOT) if info else None
+            # the record's state up front only for the watchdog slot; a slow call reads it after
+            st = state_of(args) if call is not None else None
+            slot = st.slot if st is not None else None
             if rollback and slot is not None and slot.shot:
                 # its socket is shut down: the server rolled back when it saw the connection
                 # close, and the pool replaces this connection at checkin
@@ -208,31 +211,27 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
             if slot is not None:
                 slot.returned()
             if slow_call is not None and clock() - t0 > slow_call:
-                info = info if info is not None else info_of(args)
-                if info is not None:
-                    slow(r, info)
+                rec = _compat.record_of(args[-1] if state_of is _context_state else args[0])
+                if rec is not None:
+                    slow(r, conn_state(rec))
             return result
 
         return guarded
 
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, guard(getattr(dialect, name), _context_info, timed=True))
-    dialect.do_commit = guard(dialect.do_commit, _connection_info)
-    dialect.do_rollback = guard(dialect.do_rollback, _connection_info, rollback=True)
+        setattr(dialect, name, guard(getattr(dialect, name), _context_state, timed=True))
+    dialect.do_commit = guard(dialect.do_commit, _connection_state)
+    dialect.do_rollback = guard(dialect.do_rollback, _connection_state, rollback=True)
 
 
-def _context_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
-    """The pool record's info dict, from an execute call's execution context."""
-    return _compat.context_record_info(args[-1])
+def _context_state(args: tuple[Any, ...]) -> ConnState | None:
+    """The pool record's state, from an execute call's execution context (the last arg)."""
+    return _compat.context_state(args[-1])  # type: ignore[no-any-return]
 
 
-def _connection_info(args: tuple[Any, ...]) -> dict[str, Any] | None:
-    """The pool record's info dict, from a commit/rollback call's pooled connection."""
-    try:
-        info = args[0].info
-    except Exception:
-        return None
-    return info if isinstance(info, dict) else None
+def _connection_state(args: tuple[Any, ...]) -> ConnState | None:
+    """The pool record's state, from a commit/rollback call's pooled connection."""
+    return _compat.record_state(_compat.record_of(args[0]))  # type: ignore[no-any-return]
 
 
 class _DeadlineCursor:
@@ -325,8 +324,8 @@ def guard_server_side_cursors(dialect: Any, call: float) -> None:
 
     def create_server_side_cursor(self: Any) -> Any:
         cursor = base.create_server_side_cursor(self)
-        info = _compat.context_record_info(self)
-        slot = info.get(SLOT) if info is not None else None
+        st = _compat.context_state(self)
+        slot = st.slot if st is not None else None
         return cursor if slot is None else _DeadlineCursor(cursor, slot, call)
 
     dialect.execution_ctx_cls = type(

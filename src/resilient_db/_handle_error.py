@@ -11,15 +11,13 @@ for a COMMIT whose outcome is unknown).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import _compat
-from ._admission import FAILED
 from ._deadline import SETTING_UP, slot_of
-from ._state import EXITS, Resilience
+from ._state import EXITS, Resilience, conn_state
 from .classify import Kind, classify
 from .errors import _CONTEXT_ATTR, AmbiguousCommitError, ErrorContext, attach, redact_parameters
 
@@ -104,8 +102,9 @@ def _classified(
         if conn is not None:
             # returning this checkout is then no success: a counted failure, or
             # an application error, which must not reset the failure count either
-            with contextlib.suppress(Exception):
-                conn.info[FAILED] = True
+            rec = _compat.record_of(conn)
+            if rec is not None:
+                conn_state(rec).failed = True
     if c.kind in _LOST and not ctx.is_disconnect:
         ctx.is_disconnect = True  # never return a broken connection to the pool
     if c.kind is Kind.READ_TIMEOUT:

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXITS",
+    "ConnState",
     "Resilience",
     "breaker_of",
     "breaker_state",
+    "conn_state",
     "default_name",
     "is_registered",
     "policy_of",
@@ -43,6 +45,38 @@ __all__ = [
 
 #: Never a failure of the database: cancellation and interpreter exits pass through.
 EXITS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+class ConnState:
+    """What resilient_db knows of one pooled DBAPI connection.
+
+    Kept on the pool record (:func:`resilient_db._compat.record_state`), not in its
+    ``info``: that dictionary is the application's (``Connection.info``). A new
+    connection on the record starts with a new state, as SQLAlchemy clears
+    ``info`` when it reconnects a record.
+    """
+
+    __slots__ = ("dbapi", "failed", "host", "idle_since", "slot", "t_out")
+
+    def __init__(self) -> None:
+        self.slot: Any = None  # the watchdog slot (_deadline.watch_connection)
+        self.dbapi: Any = None  # the DBAPI connection the slot watches
+        self.failed = False  # this checkout must not count as a success
+        self.idle_since: float | None = None  # when it was checked in (Resilience.clock)
+        self.t_out: float | None = None  # when it was checked out (telemetry timings)
+        self.host: Any = None  # the failover host it is connected to
+
+    def __repr__(self) -> str:
+        return f"<resilient_db ConnState slot={self.slot!r} failed={self.failed}>"
+
+
+def conn_state(record: Any) -> ConnState:
+    """The record's :class:`ConnState`, made on first use."""
+    st = _compat.record_state(record)
+    if st is None:
+        st = ConnState()
+        _compat.set_record_state(record, st)
+    return st  # type: ignore[no-any-return]
 
 
 class Resilience:
@@ -68,8 +102,8 @@ class Resilience:
         self.wait_lock = threading.Lock()
         self.last_error: ErrorContext | None = None
         self.connect_attempts = 0
-        # half-open probe tokens by the pool record carrying them, off record.info:
-        # SQLAlchemy clears info whenever it reconnects a record
+        # half-open probe tokens by the pool record carrying them (not in its ConnState:
+        # a reconnect of the record starts a new one)
         self.probes: dict[Any, int] = {}
         # called before each connect attempt; resilient_db.testing.FaultInjector raises here
         self.connect_faults: list[Callable[[], None]] = []

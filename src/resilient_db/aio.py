@@ -204,7 +204,9 @@ def _select(fo: Failover, engine: AsyncEngine, connect_args: dict[str, Any]) -> 
     sync_engine = engine.sync_engine
     args = dict(connect_args)
     # select() connects past the do_connect listeners: bound aiomysql's handshake here
-    creator = _aiomysql_creator(policy_of(engine).timeouts.connect, sync_engine.dialect.driver)
+    creator = _aiomysql_creator(
+        policy_of(engine).timeouts.connect, getattr(sync_engine.dialect, "driver", "")
+    )
     if creator is not None:
         args.setdefault("async_creator_fn", creator)
     box: list[Host] = []
@@ -226,7 +228,7 @@ def _bound_connect(engine: Engine, policy: Policy) -> Callable[[], None]:
 
     Returns a function that takes the listener off again.
     """
-    bounded = _aiomysql_creator(policy.timeouts.connect, engine.dialect.driver)
+    bounded = _aiomysql_creator(policy.timeouts.connect, getattr(engine.dialect, "driver", ""))
     if bounded is None:
         return lambda: None
 
@@ -285,9 +287,13 @@ def _after_classified(ctx: Any) -> BaseException | None:
     timed_out = ectx.kind == Kind.READ_TIMEOUT.value
     if timed_out and ctx.connection is not None:
         _abort_asyncpg(ctx.connection)
-    if (ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError))) or (
+    if (
+        (ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError)))
         # the watchdog's shot: asyncpg says "connection was closed", a generic DBAPIError
-        timed_out and not isinstance(found, sa_exc.OperationalError)
+        or (timed_out and not isinstance(found, sa_exc.OperationalError))
+        # a connection the server closed: asyncpg's "connection is closed" is an
+        # InterfaceError, where the other drivers raise OperationalError (docs/async.md)
+        or (ectx.kind in _GONE and isinstance(found, sa_exc.InterfaceError))
     ):
         wrapped = sa_exc.OperationalError(
             ctx.statement,
@@ -300,6 +306,12 @@ def _after_classified(ctx: Any) -> BaseException | None:
         return wrapped
     return None
 
+
+# kinds meaning the server or the network closed the connection
+_GONE = frozenset(
+    k.value
+    for k in (Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT)
+)
 
 # asyncpg encodes bind values itself and quotes the offending one in its error:
 # "invalid input for query argument $1: 'value...' (reason)"

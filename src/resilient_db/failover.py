@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import URL, Engine
 
+from . import _compat
 from ._connect import opener
-from ._state import resilience_of
+from ._state import conn_state, resilience_of
 from ._watchdog import WATCHDOG, WATCHED_DRIVERS, socket_fileno
 from .breaker import BreakerSnapshot, CircuitBreaker, Rejected
 from .classify import _RULES, Classification, Kind, RetryLevel, Target, _format, classify
@@ -75,7 +76,6 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 _EXIT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 # the attribute a failed connect attempt's error carries: the Target it tried
 TARGET_ATTR = "resilient_db_target"
-_HOST_KEY = "resilient_db.host"
 
 logger = logging.getLogger("resilient_db.failover")
 
@@ -444,7 +444,7 @@ class Failover:
             previous = self.current
             self.current = host
         if rec is not None:
-            rec.info[_HOST_KEY] = host
+            conn_state(rec).host = host
         if previous is not None and previous != host:
             logger.warning(
                 "Engine '%s' moved from %s to %s (role %s).",
@@ -507,10 +507,8 @@ class Failover:
 
     def host_of(self, connection: Any) -> Host | None:
         """The host a Connection (or pooled connection) is connected to, if known."""
-        try:
-            host = connection.info.get(_HOST_KEY)
-        except Exception:
-            return None
+        st = _compat.record_state(_compat.record_of(connection))
+        host = st.host if st is not None else None
         return host if isinstance(host, Host) else None
 
     def target_of(self, connection: Any) -> Target:
@@ -575,7 +573,7 @@ class Failover:
 
 def attach(engine: Engine, r: Resilience, hosts: tuple[Host, ...], role: Role) -> Failover:
     """Make ``r`` (attached to ``engine``) choose among ``hosts`` on every connect."""
-    backend, driver = engine.url.get_backend_name(), engine.dialect.driver
+    backend, driver = engine.url.get_backend_name(), getattr(engine.dialect, "driver", "")
     fo = Failover(r, backend, hosts, role, clock=r.clock, driver=driver)
     r.failover = fo
     r.monitor = None  # probes judge one server; a multi-host engine's breakers are per host

@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, Tracer, TracerProvider
 from sqlalchemy import event
 
 from .._deadline import guard_calls
-from .._state import resilience_of
+from .._state import conn_state, resilience_of
 from ..classify import Classification, Kind, Target, classify
 from ..errors import CircuitOpenError, ConfigurationError, ErrorContext, error_context
 from ..health import pool_stats
@@ -229,11 +229,12 @@ class EngineTelemetry:
         """A connection left the pool: record the wait, remember when."""
         now = _perf()
         self.waits.add(now - t0)
-        record.info["resilient_db.t_out"] = now
+        conn_state(record).t_out = now
 
     def checked_in(self, record: Any) -> None:
         """A connection came back: record how long it was used."""
-        t = record.info.pop("resilient_db.t_out", None)
+        st = conn_state(record)
+        t, st.t_out = st.t_out, None
         if t is not None:
             self.uses.add(_perf() - t)
 

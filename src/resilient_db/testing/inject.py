@@ -20,9 +20,11 @@ error travels the same path as a real one: classification, the
   absorbed by the default three attempts). A ``do_connect`` listener that
   raised would bypass that retry loop. On a plain SQLAlchemy engine the
   injector uses a ``do_connect`` listener (inserted first).
-- **Executes.** A ``before_cursor_execute`` listener raises the error inside
-  SQLAlchemy's execute ``try`` block, so SQLAlchemy wraps it in its own
-  exception class and runs ``handle_error``. For connection-loss kinds a
+- **Executes.** The dialect's ``do_execute`` / ``do_executemany`` /
+  ``do_execute_no_params`` listeners raise the error inside SQLAlchemy's
+  execute ``try`` block (on every SQLAlchemy 2.x; ``before_cursor_execute``
+  runs outside it on 2.0), so SQLAlchemy wraps it in its own exception class
+  and runs ``handle_error``. For connection-loss kinds a
   second ``handle_error`` listener sets ``is_disconnect`` so the pool
   discards the connection, as it would after a real disconnect.
 
@@ -49,7 +51,7 @@ from typing import Any, TypeAlias
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from .._compat import run_awaitable
+from .._compat import asyncpg_dbapi_error, run_awaitable
 
 __all__ = ["ErrorSpec", "FaultInjector", "driver_error", "error_kinds"]
 
@@ -152,7 +154,7 @@ def _sync_engine(engine: Any) -> Engine:
 def error_kinds(engine: Any) -> tuple[str, ...]:
     """The fault kinds :func:`driver_error` can build for ``engine``'s driver."""
     e = _sync_engine(engine)
-    backend, driver = e.dialect.name, e.dialect.driver
+    backend, driver = e.dialect.name, getattr(e.dialect, "driver", "")
     if backend == "sqlite":
         return tuple(sorted(_SQLITE))
     if backend in ("mysql", "mariadb"):
@@ -181,7 +183,7 @@ def driver_error(engine: Any, kind: str, *, message: str | None = None) -> BaseE
         ValueError: the driver has no such fault.
     """
     e = _sync_engine(engine)
-    backend, driver = e.dialect.name, e.dialect.driver
+    backend, driver = e.dialect.name, getattr(e.dialect, "driver", "")
     url = e.url
     fields = {
         "host": url.host or "localhost",
@@ -261,16 +263,8 @@ def _asyncpg_error(
         or texts.get(kind)
         or next((t for s, t in _PG.values() if s == state), kind.replace("_", " "))
     )
-    orig = cls(text)
     # what SQLAlchemy's asyncpg adapter raises: its own DBAPI class, caused by asyncpg's
-    mapping = dbapi._asyncpg_error_translate
-    for base in type(orig).__mro__:
-        if base in mapping:
-            exc: BaseException = mapping[base](f"{type(orig)}: {text}", orig)
-            exc.__cause__ = orig
-            return exc
-    fallback: BaseException = orig  # pragma: no cover - every asyncpg error maps
-    return fallback  # pragma: no cover
+    return asyncpg_dbapi_error(dbapi, cls(text))
 
 
 @dataclass
@@ -318,7 +312,8 @@ class FaultInjector:
             self._resilience.connect_faults.append(self._connect_fault)
         else:
             event.listen(self.engine, "do_connect", self._do_connect, insert=True)
-        event.listen(self.engine, "before_cursor_execute", self._before_execute)
+        for name, listener in self._execute_listeners():
+            event.listen(self.engine, name, listener)
         event.listen(self.engine, "handle_error", self._handle_error)
 
     # -- arming ------------------------------------------------------------------
@@ -384,7 +379,8 @@ class FaultInjector:
                 faults.remove(self._connect_fault)
         else:
             event.remove(self.engine, "do_connect", self._do_connect)
-        event.remove(self.engine, "before_cursor_execute", self._before_execute)
+        for name, listener in self._execute_listeners():
+            event.remove(self.engine, name, listener)
         event.remove(self.engine, "handle_error", self._handle_error)
 
     def __enter__(self) -> FaultInjector:
@@ -468,15 +464,21 @@ class FaultInjector:
     def _do_connect(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
         self._connect_fault()
 
-    def _before_execute(
-        self,
-        conn: Any,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
+    def _execute_listeners(self) -> tuple[tuple[str, Callable[..., None]], ...]:
+        return (
+            ("do_execute", self._do_execute),
+            ("do_executemany", self._do_execute),
+            ("do_execute_no_params", self._do_execute_no_params),
+        )
+
+    def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+        self._execute_fault(statement)
+
+    def _do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> None:
+        self._execute_fault(statement)
+
+    def _execute_fault(self, statement: str) -> None:
+        """Called inside SQLAlchemy's execute ``try`` block; raises when armed."""
         if not self._execute_rules:
             return
         rule = self._take(self._execute_rules, statement)

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
+from .. import _compat
 from .._driver_args import merge_connect_args
 from .._urls import mask_url, missing_driver, port_problem, scheme_problem, secret_values
 from ..classify import Target
@@ -110,7 +111,7 @@ def _prepare_connect_args(run: _Run) -> None:
     assert run.url is not None
     if run.engine is not None:
         pool = run.engine.pool
-        creator = getattr(pool, "_creator", None)
+        creator = _compat.pool_creator(pool)
         cparams: Any = None
         if callable(creator):
             try:
