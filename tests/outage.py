@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -75,19 +76,23 @@ def server(
     argv: list[str], env: Mapping[str, str], ready: Callable[[], bool], stop: int = 15
 ) -> Iterator[None]:
     """Run ``argv`` (a service) until the test ends, then send ``stop``; wait for ``ready()``."""
+    # the service's log goes to a file: a pipe nobody reads fills up (64 KiB of warnings
+    # and task tracebacks during an outage) and then blocks the service in its logging
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         argv,
         cwd=EXAMPLES,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
         stdout=subprocess.DEVNULL if not os.environ.get("RDB_SERVER_LOG") else None,
-        stderr=None if os.environ.get("RDB_SERVER_LOG") else subprocess.PIPE,
+        stderr=None if os.environ.get("RDB_SERVER_LOG") else log,
         start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
         while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 raise AssertionError(f"{argv[:3]} did not start: {err[-3000:]}")
             time.sleep(0.1)
         yield
@@ -98,8 +103,7 @@ def server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
 
 
 def timed(call: Callable[[], Answer]) -> Answer:
