@@ -118,8 +118,12 @@ def test_docs_block_runs(
         "PYTHONPATH": str(ROOT / "src"),
     }
     code = _point_at(block.code, throwaway_pg, throwaway_mariadb, free_port())
+    argv = [sys.executable, "-c", code]
+    if block.marker == "alembic env.py":
+        argv = _alembic_project(tmp_path, code, throwaway_pg.url())
+        env["RESILIENT_DB_TIMEOUTS_CALL"] = "1"  # the migration takes longer than this
     done = subprocess.run(
-        [sys.executable, "-c", code],
+        argv,
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -128,6 +132,22 @@ def test_docs_block_runs(
         check=False,
     )
     assert 0 == done.returncode, f"{block.id} failed:\n{done.stderr[-3000:]}"
+
+
+def _alembic_project(root: Path, env_py: str, url: str) -> list[str]:
+    """An Alembic project whose env.py is the block, with one 1.5 s migration."""
+    (root / "migrations" / "versions").mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text(env_py)
+    (root / "migrations" / "script.py.mako").write_text("")
+    (root / "migrations" / "versions" / "0001_slow.py").write_text(
+        'revision = "0001"\ndown_revision = None\n'
+        "from alembic import op\n\n\n"
+        "def upgrade():\n"
+        '    op.execute("SELECT pg_sleep(1.5)")  # a long CREATE INDEX\n'
+    )
+    ini = f"[alembic]\nscript_location = migrations\nsqlalchemy.url = {url}\n"
+    (root / "alembic.ini").write_text(ini)
+    return [sys.executable, "-m", "alembic", "upgrade", "head"]
 
 
 def test_every_block_is_collected() -> None:
