@@ -158,9 +158,10 @@ def _counts(samples: Sequence[Sample]) -> dict[str, Any]:
 
 
 def _apply(proxy: DatabaseProxy, fault: str, latency: float) -> None:
-    if fault == "refuse":
-        proxy.refuse()
+    if fault == "refuse":  # no byte forwarded between the steps: nothing completes mid-way
+        proxy.blackhole()
         proxy.reset_all()
+        proxy.refuse()
     elif fault == "blackhole":
         proxy.blackhole()
     elif fault == "reset":
