@@ -97,20 +97,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def sync_urls(dbs: str, tmp: str, prog: str) -> Iterator[tuple[str, str]]:
-    """(name, URL) for each of ``dbs`` ("sqlite,pg"): a SQLite file in ``tmp``, or
-    :data:`PG_URL` when its server answers (else a note on stderr and skipped).
+    """(name, URL) for each of ``dbs`` ("sqlite,pg,mariadb"): a SQLite file in ``tmp``, or
+    :data:`PG_URL` / :data:`MARIADB_URL` when its server answers (else a note on stderr
+    and skipped).
 
     Raises ValueError for an unknown name.
     """
     for db in dbs.split(","):
         if db == "sqlite":
             yield db, f"sqlite:///{Path(tmp) / 'bench.db'}"
-        elif db == "pg":
-            u = make_url(PG_URL)
-            if not reachable(u.host or "127.0.0.1", u.port or 5432):
-                print(f"{prog}: PostgreSQL not reachable, skipped", file=sys.stderr)
+        elif db in ("pg", "mariadb"):
+            url, port, name = (
+                (PG_URL, 5432, "PostgreSQL") if db == "pg" else (MARIADB_URL, 3306, "MariaDB")
+            )
+            u = make_url(url)
+            if not reachable(u.host or "127.0.0.1", u.port or port):
+                print(f"{prog}: {name} not reachable, skipped", file=sys.stderr)
                 continue
-            yield db, PG_URL
+            yield db, url
         else:
             raise ValueError(f"unknown database {db!r}")
 

@@ -1,18 +1,26 @@
 """Ledger soak: money moves between accounts while faults rain down; nothing is lost or doubled.
 
-``python -m benchmarks.ledger --seconds 10 --db pg|mariadb|both [--threads 4]``
+``python -m benchmarks.ledger --seconds 10 --db pg|mariadb|both [--threads 6] [--repeat N]``
 
 Worker threads transfer random amounts between a few accounts for a fixed time,
 each transfer a unit of work run by ``resilient_db.run_transaction`` with an
 idempotency key and a row in a ``transfers`` table written in the same
-transaction. Random account order makes real deadlocks. Meanwhile a fault
-injector, through a :class:`~resilient_db.testing.FaultProxy` and a second,
-direct connection, randomly
+transaction, on an engine with the **default policy**. Random account order
+makes real deadlocks. Meanwhile, twice a second, a fault injector, through a
+:class:`~resilient_db.testing.FaultProxy` and a second, direct connection,
+applies one blip of issue 13's mix:
 
-- kills one of the engine's backends (``pg_terminate_backend`` / ``KILL``),
+- kills every session of the engine (``pg_terminate_backend`` / ``KILL``),
 - resets every proxied connection (``reset_all``),
 - drops the reply to the next COMMIT (``drop_commit_reply``: an ambiguous commit),
-- blackholes the proxy for a short spell.
+- stalls the network for 0.4 s: ``latency(0.4)`` for 0.4 s, then ``latency(0)``
+  (a chunk sent meanwhile waits up to 0.4 s each way; nothing is lost: a
+  ``blackhole()`` would leave the connections that lost data silent for good).
+
+The benchmark runs the same soak on two engines at once, each through its own
+proxy and on its own tables, with the same faults applied to both at the same
+moments: one with the default policy, one with ``BreakerPolicy(enabled=False)``,
+and reports the goodput (committed transfers) of each and their ratio.
 
 At the end, read directly from the server: the total balance is unchanged;
 every acknowledged transfer is present exactly once; no transfer reported as
@@ -27,6 +35,7 @@ import argparse
 import collections
 import logging
 import random
+import statistics
 import threading
 import time
 import uuid
@@ -43,8 +52,6 @@ from resilient_db import (
     BreakerPolicy,
     CircuitOpenError,
     Policy,
-    RetryPolicy,
-    Timeouts,
     classify,
     error_context,
     run_transaction,
@@ -58,12 +65,14 @@ except ImportError:  # pragma: no cover - run as a file
 
 OPENING_BALANCE = 1_000_000
 
-#: Short limits so a blackhole is noticed within about two seconds.
-SOAK_POLICY = Policy(
-    timeouts=Timeouts(connect=1, call=2, checkout=2),
-    retry=RetryPolicy(attempts=8, deadline=10),
-    breaker=BreakerPolicy(failure_threshold=10, reset_timeout=0.5),
-)
+#: The soak's engine: the default policy (the startup check off).
+SOAK_POLICY = Policy(validate="off")
+#: The reference: the same, with the breaker disabled.
+NO_BREAKER = Policy(breaker=BreakerPolicy(enabled=False), validate="off")
+#: Seconds between two faults ("twice a second").
+FAULT_EVERY = 0.5
+#: How long a network stall lasts.
+STALL = 0.4
 
 
 @dataclass
@@ -105,18 +114,19 @@ class SoakResult:
 
 
 class _EventCounter(logging.Handler):
-    """Counts resilient_db log events by name (unit_retry, already_committed, ...)."""
+    """Counts resilient_db log events by engine and name (unit_retry, already_committed, ...)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock2 = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        name = getattr(record, "resilient_db", {}).get("event")
+        data = getattr(record, "resilient_db", {})
+        name = data.get("event")
         if name:
             with self._lock2:
-                self.counts[name] += 1
+                self.counts[(str(data.get("engine")), name)] += 1
 
 
 @dataclass
@@ -134,7 +144,15 @@ def _proxied_url(url: str, proxy: FaultProxy) -> str:
     return sa.make_url(url).set(host=proxy.host, port=proxy.port).render_as_string(False)
 
 
-def _engine(url: str, proxy: FaultProxy, backends: list[int], lock: threading.Lock) -> Engine:
+def _engine(
+    url: str,
+    proxy: FaultProxy,
+    backends: list[int],
+    lock: threading.Lock,
+    *,
+    name: str = "ledger-soak",
+    policy: Policy = SOAK_POLICY,
+) -> Engine:
     backend = sa.make_url(url).get_backend_name()
     if backend == "postgresql":
         connect_args: dict[str, Any] = {"options": "-c lock_timeout=1500"}
@@ -142,9 +160,8 @@ def _engine(url: str, proxy: FaultProxy, backends: list[int], lock: threading.Lo
         connect_args = {"init_command": "SET SESSION innodb_lock_wait_timeout=1"}
     engine = resilient_db.create_engine(
         _proxied_url(url, proxy),
-        name="ledger-soak",
-        policy=SOAK_POLICY,
-        validate="off",
+        name=name,
+        policy=policy,
         connect_args=connect_args,
     )
 
@@ -192,45 +209,70 @@ def _live(admin: Engine, backends: list[int], lock: threading.Lock) -> list[int]
         return [int(i) for i in c.scalars(query, {"ids": ids}).all()]
 
 
+@dataclass
+class _Lane:
+    """One engine of the soak: its proxy, sessions, tables and results."""
+
+    name: str
+    policy: Policy
+    proxy: FaultProxy
+    engine: Engine
+    run_id: str
+    tables: tuple[str, str]
+    result: SoakResult
+    backends: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outs: list[list[_Transfer]] = field(default_factory=list)
+
+
 #: The first faults, in order, so that even a short run meets each of them once.
-_FIRST = (0.1, 0.4, 0.6, 0.9)
+_FIRST = (0.1, 0.3, 0.6, 0.9)
 
 
-def _inject(
-    stop: threading.Event,
-    proxy: FaultProxy,
-    admin: Engine,
-    backends: list[int],
-    lock: threading.Lock,
-    faults: collections.Counter[str],
-    rng: random.Random,
-) -> None:
+def _blip(stop: threading.Event, lanes: list[_Lane], admin: Engine, roll: float) -> None:
+    """Apply one fault of the mix to every lane at once."""
+    if roll < 0.25:  # an operator (or a failover) kills the engine's sessions
+        for lane in lanes:
+            live = _live(admin, lane.backends, lane.lock)
+            killed = sum(_kill(admin, ident) for ident in live)
+            lane.result.faults["sessions_killed"] += killed
+            lane.result.faults["kill_burst"] += 1
+    elif roll < 0.5:
+        for lane in lanes:
+            lane.proxy.reset_all()
+            lane.result.faults["reset_all"] += 1
+    elif roll < 0.75:
+        for lane in lanes:
+            lane.proxy.drop_commit_reply()
+        deadline = time.monotonic() + 1.0
+        while any(x.proxy.commit_fault_armed for x in lanes) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for lane in lanes:
+            fired = not lane.proxy.commit_fault_armed
+            lane.result.faults["drop_commit_reply" if fired else "drop_unfired"] += 1
+            lane.proxy.passthrough()  # disarm an unfired one
+    else:  # a stall: nothing moves for a moment, nothing is lost
+        for lane in lanes:
+            lane.proxy.latency(STALL)
+        stop.wait(STALL)
+        for lane in lanes:
+            lane.proxy.latency(0)
+            lane.result.faults["stall"] += 1
+
+
+def _inject(stop: threading.Event, lanes: list[_Lane], admin: Engine, rng: random.Random) -> None:
     n = 0
-    while not stop.wait(rng.uniform(0.15, 0.5)):
+    t0 = time.monotonic()
+    while not stop.wait(max(0.0, t0 + (n + 1) * FAULT_EVERY - time.monotonic())):
         roll = _FIRST[n] if n < len(_FIRST) else rng.random()
         n += 1
         try:
-            if roll < 0.3:
-                live = _live(admin, backends, lock)
-                if live:
-                    faults["kill" if _kill(admin, rng.choice(live)) else "kill_missed"] += 1
-            elif roll < 0.5:
-                proxy.reset_all()
-                faults["reset_all"] += 1
-            elif roll < 0.85:
-                proxy.drop_commit_reply()
-                deadline = time.monotonic() + 1.0
-                while proxy.commit_fault_armed and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                faults["drop_commit_reply" if not proxy.commit_fault_armed else "drop_unfired"] += 1
-            else:
-                proxy.blackhole()
-                faults["blackhole"] += 1
-                stop.wait(rng.uniform(0.3, 1.0))
-                proxy.passthrough()
+            _blip(stop, lanes, admin, roll)
         except Exception:
-            faults["injector_error"] += 1
-    proxy.passthrough()
+            for lane in lanes:
+                lane.result.faults["injector_error"] += 1
+    for lane in lanes:
+        lane.proxy.passthrough()
 
 
 def _work(
@@ -323,23 +365,8 @@ def _check(
     )
 
 
-def run_soak(
-    url: str,
-    seconds: float,
-    *,
-    threads: int = 4,
-    n_accounts: int = 8,
-    seed: int | None = None,
-) -> SoakResult:
-    """Run the soak against the server at ``url`` for ``seconds``; return counts and findings."""
-    u = sa.make_url(url)
-    db = "pg" if u.get_backend_name() == "postgresql" else "mariadb"
-    run_id = f"soak{uuid.uuid4().hex[:8]}"
+def _create_tables(admin: Engine, db: str, run_id: str, n_accounts: int) -> tuple[str, str]:
     accounts, transfers = f"rdb_{run_id}_accounts", f"rdb_{run_id}_transfers"
-    result = SoakResult(db=db, seconds=seconds)
-    rng = random.Random(seed)
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_size=2)
-    resilient_db.ensure_idempotency_table(admin)
     with admin.connect() as c:
         c.execute(
             sa.text(f"CREATE TABLE {accounts} (id INTEGER PRIMARY KEY, balance BIGINT NOT NULL)")
@@ -356,68 +383,131 @@ def run_soak(
             sa.text(f"INSERT INTO {accounts} (id, balance) VALUES (:i, :b)"),
             [{"i": i, "b": OPENING_BALANCE} for i in range(n_accounts)],
         )
+    return accounts, transfers
+
+
+def _drop_tables(admin: Engine, lane: _Lane) -> None:
+    key = resilient_db.idempotency_table.c.idempotency_key
+    with admin.connect() as c:
+        for table in lane.tables:
+            c.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        c.execute(resilient_db.idempotency_table.delete().where(key.like(lane.run_id + "%")))
+
+
+def _run_lanes(
+    lanes: list[_Lane], admin: Engine, seconds: float, threads: int, n: int, rng: random.Random
+) -> None:
+    """Run every lane's workers for ``seconds`` under one fault injector."""
+    stop_work, stop_faults = threading.Event(), threading.Event()
+    workers = []
+    for lane in lanes:
+        lane.outs = [[] for _ in range(threads)]
+        for i in range(threads):
+            args = (lane.engine, lane.run_id, i, *lane.tables, n, stop_work, lane.outs[i])
+            workers.append(
+                threading.Thread(target=_work, args=args, name=f"{lane.name}-{i}", daemon=True)
+            )
+    injector = threading.Thread(
+        target=_inject, args=(stop_faults, lanes, admin, rng), name="ledger-faults", daemon=True
+    )
+    for w in workers:
+        w.start()
+    injector.start()
+    time.sleep(seconds)
+    stop_faults.set()
+    injector.join(15)
+    stop_work.set()
+    for w in workers:
+        w.join(60)
+    stuck = [w.name for w in workers if w.is_alive()]
+    for lane in lanes:
+        mine = [name for name in stuck if name.startswith(lane.name + "-")]
+        if mine:
+            lane.result.violations.append(f"workers still running after 60 s: {mine}")
+        lane.engine.dispose()
+
+
+def _finish(
+    lane: _Lane, done: list[_Transfer], counts: collections.Counter[tuple[str, str]]
+) -> None:
+    res = lane.result
+    res.attempted = len(done)
+    res.committed = sum(1 for t in done if t.outcome == "committed")
+    res.ambiguous = sum(1 for t in done if t.outcome == "ambiguous")
+    res.failed = sum(1 for t in done if t.outcome == "failed")
+    res.retried = sum(1 for t in done if t.runs > 1)
+    res.failed_kinds.update(t.kind for t in done if t.outcome == "failed")
+    res.reruns = counts[(lane.name, "unit_retry")]
+    res.settled_by_key = counts[(lane.name, "already_committed")]
+    res.faults["breaker_opened"] = counts[(lane.name, "breaker_opened")]
+
+
+def soak(
+    url: str,
+    seconds: float,
+    policies: dict[str, Policy],
+    *,
+    threads: int = 6,
+    n_accounts: int = 8,
+    seed: int | None = None,
+) -> dict[str, SoakResult]:
+    """The soak on one engine per policy at once (each through its own proxy, on its own
+    tables), the same faults applied to all at the same moments; results by name."""
+    u = sa.make_url(url)
+    db = "pg" if u.get_backend_name() == "postgresql" else "mariadb"
+    rng = random.Random(seed)
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_size=2)
+    resilient_db.ensure_idempotency_table(admin)
     counter = _EventCounter()
     rdb_logger = logging.getLogger("resilient_db")
     old_level = rdb_logger.level
     rdb_logger.addHandler(counter)
     rdb_logger.setLevel(logging.INFO)
-    done: list[_Transfer] = []
+    lanes: list[_Lane] = []
+    port = u.port or (5432 if db == "pg" else 3306)
     try:
-        with FaultProxy(u.host or "127.0.0.1", u.port or (5432 if db == "pg" else 3306)) as proxy:
+        for name, policy in policies.items():
+            run_id = f"soak{uuid.uuid4().hex[:8]}"
+            tables = _create_tables(admin, db, run_id, n_accounts)
+            proxy = FaultProxy(u.host or "127.0.0.1", port).start()
             backends: list[int] = []
             lock = threading.Lock()
-            engine = _engine(url, proxy, backends, lock)
-            stop_work, stop_faults = threading.Event(), threading.Event()
-            outs: list[list[_Transfer]] = [[] for _ in range(threads)]
-            workers = [
-                threading.Thread(
-                    target=_work,
-                    args=(engine, run_id, i, accounts, transfers, n_accounts, stop_work, outs[i]),
-                    name=f"ledger-{i}",
-                    daemon=True,
-                )
-                for i in range(threads)
-            ]
-            injector = threading.Thread(
-                target=_inject,
-                args=(stop_faults, proxy, admin, backends, lock, result.faults, rng),
-                name="ledger-faults",
-                daemon=True,
-            )
-            for w in workers:
-                w.start()
-            injector.start()
-            time.sleep(seconds)
-            stop_faults.set()
-            injector.join(15)
-            stop_work.set()
-            for w in workers:
-                w.join(60)
-            stuck = [w.name for w in workers if w.is_alive()]
-            if stuck:
-                result.violations.append(f"workers still running after 60 s: {stuck}")
-            engine.dispose()
-            done = [t for out in outs for t in out]
-        _check(admin, result, done, (accounts, transfers), n_accounts, run_id)
+            engine = _engine(url, proxy, backends, lock, name=name, policy=policy)
+            result = SoakResult(db, seconds)
+            lanes.append(_Lane(name, policy, proxy, engine, run_id, tables, result, backends, lock))
+        _run_lanes(lanes, admin, seconds, threads, n_accounts, rng)
+        for lane in lanes:
+            lane.proxy.close()
+            done = [t for out in lane.outs for t in out]
+            _check(admin, lane.result, done, lane.tables, n_accounts, lane.run_id)
+            _finish(lane, done, counter.counts)
     finally:
         rdb_logger.removeHandler(counter)
         rdb_logger.setLevel(old_level)
-        key = resilient_db.idempotency_table.c.idempotency_key
-        with admin.connect() as c:
-            c.execute(sa.text(f"DROP TABLE IF EXISTS {accounts}"))
-            c.execute(sa.text(f"DROP TABLE IF EXISTS {transfers}"))
-            c.execute(resilient_db.idempotency_table.delete().where(key.like(run_id + "%")))
+        for lane in lanes:
+            lane.proxy.close()
+            _drop_tables(admin, lane)
         admin.dispose()
-    result.attempted = len(done)
-    result.committed = sum(1 for t in done if t.outcome == "committed")
-    result.ambiguous = sum(1 for t in done if t.outcome == "ambiguous")
-    result.failed = sum(1 for t in done if t.outcome == "failed")
-    result.retried = sum(1 for t in done if t.runs > 1)
-    result.failed_kinds.update(t.kind for t in done if t.outcome == "failed")
-    result.reruns = counter.counts["unit_retry"]
-    result.settled_by_key = counter.counts["already_committed"]
-    result.faults["breaker_opened"] = counter.counts["breaker_opened"]
-    return result
+    return {lane.name: lane.result for lane in lanes}
+
+
+def run_soak(
+    url: str,
+    seconds: float,
+    *,
+    threads: int = 6,
+    n_accounts: int = 8,
+    seed: int | None = None,
+    policy: Policy = SOAK_POLICY,
+) -> SoakResult:
+    """Run the soak on one engine (default policy) at ``url`` for ``seconds``."""
+    res = soak(url, seconds, {"ledger-soak": policy}, threads=threads, n_accounts=n_accounts,
+               seed=seed)  # fmt: skip
+    return res["ledger-soak"]
+
+
+#: The two engines of the goodput comparison.
+PAIR = {"default": SOAK_POLICY, "breaker off": NO_BREAKER}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seconds", type=float, default=10.0, help="soak duration per database")
     ap.add_argument("--db", choices=["pg", "mariadb", "both"], default="both")
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=6, help="workers per engine")
     ap.add_argument("--accounts", type=int, default=8)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per database")
     ap.add_argument("--smoke", action="store_true", help="3 s per database, for CI")
     args = ap.parse_args(argv)
     # rollbacks on connections the injector just reset are logged at ERROR by the pool
@@ -438,18 +529,30 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"pg": PG_URL, "mariadb": MARIADB_URL}
     names = ["pg", "mariadb"] if args.db == "both" else [args.db]
     rc = 0
-    for name in names:
-        u = sa.make_url(targets[name])
-        if not reachable(u.host or "127.0.0.1", u.port or (5432 if name == "pg" else 3306)):
-            print(f"{name}: server not reachable, skipped")
-            continue
-        res = run_soak(
-            targets[name], seconds, threads=args.threads, n_accounts=args.accounts, seed=args.seed
-        )
-        print(res.summary(), flush=True)
-        if not res.ok:
-            rc = 1
-    return rc
+    ratios: dict[str, list[float]] = {}
+    for rnd in range(args.repeat):
+        for name in names:
+            u = sa.make_url(targets[name])
+            if not reachable(u.host or "127.0.0.1", u.port or (5432 if name == "pg" else 3306)):
+                print(f"{name}: server not reachable, skipped")
+                continue
+            seed = None if args.seed is None else args.seed + rnd
+            res = soak(targets[name], seconds, PAIR, threads=args.threads,
+                       n_accounts=args.accounts, seed=seed)  # fmt: skip
+            for label, r in res.items():
+                print(f"[{label}] " + r.summary(), flush=True)
+                rc |= not r.ok
+            on, off = res["default"].committed, res["breaker off"].committed
+            ratio = on / off if off else float("nan")
+            ratios.setdefault(name, []).append(ratio)
+            verdict = "ok" if ratio >= 0.9 else "MISS"
+            print(f"  goodput {name}: {on} committed (default) vs {off} (breaker disabled): "
+                  f"{ratio:.2f}x  [{verdict} >= 0.9x]", flush=True)  # fmt: skip
+    for name, rs in ratios.items():
+        if len(rs) > 1:
+            print(f"goodput ratio {name}: median {statistics.median(rs):.2f} over {len(rs)} runs "
+                  f"({', '.join(f'{x:.2f}' for x in rs)})")  # fmt: skip
+    return int(rc)
 
 
 if __name__ == "__main__":

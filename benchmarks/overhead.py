@@ -4,7 +4,7 @@ One call is what a request does: check a connection out, run ``SELECT 1``,
 return the connection. Both engines run in the same process in interleaved
 rounds; the report gives the median per-call latency of each and the ratio.
 
-    python -m benchmarks.overhead [--smoke] [--db sqlite,pg]
+    python -m benchmarks.overhead [--smoke] [--db sqlite,pg,mariadb]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a table (or JSON)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a short run for CI")
-    ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg")
+    ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg,mariadb")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
     results = per_database(ap, args, "overhead", measure)

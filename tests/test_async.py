@@ -248,7 +248,7 @@ def test_aiomysql_and_aiosqlite_defaults() -> None:
     """aiomysql gets a connect timeout and program_name; aiosqlite SQLite's busy timeout."""
     my = driver_defaults(sa.make_url("mysql+aiomysql://app@db/shop"), resilient_db.DEFAULT_POLICY)
     lite = driver_defaults(sa.make_url("sqlite+aiosqlite:///x.db"), resilient_db.DEFAULT_POLICY)
-    assert ({"connect_timeout": 2, "program_name": "resilient-db"}, {"timeout": 5.0}) == (my, lite)
+    assert ({"connect_timeout": 2, "program_name": "resilient-db"}, {"timeout": 1.0}) == (my, lite)
 
 
 async def test_mariadb_statement_timeout_from_policy(mariadb_url: str) -> None:

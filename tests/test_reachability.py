@@ -128,6 +128,29 @@ def test_silent_database_is_probed_and_calls_cut(proxied: tuple[sa.Engine, Fault
     assert fast < 0.05
 
 
+def test_probe_reset_by_a_blip_is_confirmed_not_counted(
+    proxied: tuple[sa.Engine, FaultProxy],
+) -> None:
+    """A probe whose connection a blip resets asks again: the database answers, no trip."""
+    engine, proxy = proxied
+    assert 1 == _one(engine)
+    monitor = resilience_of(engine).monitor
+    proxy.latency(0.5)  # the probe's reply is on its way...
+    monitor.suspect(time.monotonic())
+    time.sleep(0.15)
+    proxy.latency(0)
+    proxy.reset_all()  # ...when a proxy or load balancer resets every flow
+    deadline = time.monotonic() + 3
+    while monitor.probing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (False, 1, 0, "closed") == (
+        monitor.probing,
+        monitor.probes,
+        monitor.failed,
+        breaker_of(engine).state,
+    )
+
+
 def test_long_queries_on_a_healthy_database_run_to_success(server: str) -> None:
     """Three concurrent slow queries outlive probe_after; the probes answer, nothing is cut."""
     engine = resilient_db.create_engine(server, policy=DEFAULT)

@@ -907,10 +907,20 @@ def test_mariadb_max_statement_time_from_policy(mariadb_url: str) -> None:
 
 
 def test_sqlite_busy_timeout(sqlite_url: str) -> None:
-    """SQLite connections wait for locks up to the (capped) statement timeout."""
-    engine = resilient_db.create_engine(sqlite_url, policy=policy(statement=2.0))
+    """SQLite connections wait for locks up to the statement timeout (below the cap)."""
+    engine = resilient_db.create_engine(sqlite_url, policy=policy(statement=0.5))
     with engine.connect() as c:
-        assert 2000 == c.execute(sa.text("PRAGMA busy_timeout")).scalar()
+        assert 500 == c.execute(sa.text("PRAGMA busy_timeout")).scalar()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("statement", [None, 2.0])
+def test_sqlite_busy_timeout_capped_at_one_second(sqlite_url: str, statement: float | None) -> None:
+    """The default policy (statement 25 s) and a longer statement timeout wait 1 s for a lock."""
+    pol = Policy(validate="off") if statement is None else policy(statement=statement)
+    engine = resilient_db.create_engine(sqlite_url, policy=pol)
+    with engine.connect() as c:
+        assert 1000 == c.execute(sa.text("PRAGMA busy_timeout")).scalar()
     engine.dispose()
 
 

@@ -26,6 +26,13 @@ __all__ = [
     "merge_connect_args",
 ]
 
+#: Seconds: the most SQLite's busy timeout gets from ``Timeouts.statement``. SQLite
+#: has no server and no watchdog: the busy timeout is the only bound on a statement
+#: waiting for another connection's lock, and a lock held longer than a second is a
+#: long writer (a migration, ``VACUUM``, a backup), not contention: waiting it out
+#: holds a worker per request (``connect_args={"timeout": ...}`` sets another).
+SQLITE_BUSY_CAP = 1.0
+
 
 def load_dialect(url: URL) -> Any:
     try:
@@ -107,7 +114,7 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
         if policy.application_name and driver in ("pymysql", "aiomysql"):
             args["program_name"] = policy.application_name
     elif backend == "sqlite" and t.statement is not None:
-        args["timeout"] = min(t.statement, 5.0)
+        args["timeout"] = min(t.statement, SQLITE_BUSY_CAP)
     return args
 
 

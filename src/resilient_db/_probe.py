@@ -39,7 +39,7 @@ __all__ = ["Monitor", "answers"]
 logger = logging.getLogger("resilient_db.probe")
 
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
-_SILENT = ("no reply", "no greeting")  # verdicts of a connection that was accepted
+_UNREACHED = ("connect ",)  # verdicts of a connection that was never accepted
 _CONFIRM = 0.25  # seconds: the confirming probe's budget
 
 
@@ -91,9 +91,10 @@ class Monitor:
                 return
             self.probes += 1
             reason = answers(r.target, self.budget, self.connect_kwargs)
-            if reason in _SILENT:
-                # connected, then silence: confirm on another fresh connection, briefly,
-                # so a probe that started during a blip that has healed does not trip
+            if reason is not None and not reason.startswith(_UNREACHED):
+                # connected, then silence or a reset: confirm on another fresh connection,
+                # briefly, so a probe that met a blip that has healed (a stall, a proxy or
+                # load balancer resetting its flows) does not trip
                 reason = answers(r.target, min(_CONFIRM, self.budget), self.connect_kwargs)
             if reason is None:
                 self.unreachable = None
