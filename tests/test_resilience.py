@@ -965,3 +965,25 @@ def test_connect_retries_stop_at_the_checkout_bound(monkeypatch: pytest.MonkeyPa
         engine.connect()
     # attempts end at 1 s and 2 s (+0.5 < 3: retry), the third at 3 s (3.5 >= 3: stop)
     assert (3, 3.0) == (ctx_of(e.value).attempt, ctx_of(e.value).elapsed)
+
+
+def test_no_retry_after_a_connect_timeout_that_leaves_no_room(server_url: str) -> None:
+    """A connect into silence is not tried again when a second could not end within checkout."""
+    u = sa.make_url(server_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port or 5432) as p:
+        p.blackhole()
+        pol = Policy(
+            timeouts=Timeouts(connect=2.0, checkout=3.0),
+            retry=RetryPolicy(attempts=3),
+            breaker=BreakerPolicy(enabled=False, probe_after=None),
+            validate="off",
+        )
+        engine = resilient_db.create_engine(via(server_url, p), policy=pol)
+        t0 = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError) as e:
+            engine.connect()
+        took = time.monotonic() - t0
+        engine.dispose()
+    # one 2 s attempt: 2 s + a second 2 s attempt would pass the 3 s bound
+    assert ("connect_timeout", 1) == (ctx_of(e.value).kind, ctx_of(e.value).attempt)
+    assert took < 3.0

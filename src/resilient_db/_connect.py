@@ -22,7 +22,7 @@ from ._admission import circuit_open
 from ._driver_args import lock_wait_seconds
 from ._state import EXITS, Resilience
 from .breaker import CLOSED, OPEN, Rejected
-from .classify import RetryLevel, Target, classify
+from .classify import Kind, RetryLevel, Target, classify
 from .errors import attach
 
 __all__ = [
@@ -138,8 +138,10 @@ def _connect_retrying(
 ) -> Any:
     """The retry loop, entered only after a first attempt failed."""
     policy = r.policy.retry
-    # getting a connection is bounded by Timeouts.checkout: no new attempt after it
+    # getting a connection is bounded by Timeouts.checkout: no attempt starts after it, and
+    # after a connect timeout none that could not end (pause + its own timeout) within it
     budget = min(policy.deadline, r.policy.timeouts.checkout)
+    attempt_s = r.policy.timeouts.connect or 0.0
     history: list[str] = []
     attempt = 1
     while True:
@@ -159,6 +161,7 @@ def _connect_retrying(
             c.retry is RetryLevel.CONNECT
             and attempt < policy.attempts
             and elapsed + pause < budget
+            and (c.kind is not Kind.CONNECT_TIMEOUT or elapsed + pause + attempt_s <= budget)
             and (b is None or b.state is CLOSED)
         ):
             if r.telemetry is not None:

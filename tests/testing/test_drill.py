@@ -68,8 +68,8 @@ def test_default_scenario_detects_and_recovers(pg_drill: dict[str, Any]) -> None
     for fault in ("refuse", "blackhole", "reset"):
         phase = by[fault]
         assert phase["detect_s"] is not None and phase["detect_s"] < 3.0, phase
-        # (a request may still complete on a pooled connection as the fault is applied)
-        assert phase["rejected"] > 0 and phase["ok"] <= 2, phase
+        # a reply already on its way when the fault began may still arrive: one per worker
+        assert phase["rejected"] > 0 and phase["ok"] <= report["threads"], phase
         assert phase["recover_s"] is not None and phase["recover_s"] < 5.0, phase
         assert by[f"after {fault}"]["ok"] > 0
     # silence: calls end at the 1 s call deadline (or the 2 s connect timeout), never hang
@@ -186,7 +186,8 @@ def test_mariadb_refuse(mariadb_url: str) -> None:
     assert (0, "") == (code, err)
     row = next(line for line in out.splitlines() if line.startswith("refuse")).split()
     ok, failed, rejected, detect = int(row[2]), int(row[3]), int(row[4]), row[8]
-    assert (0, True, True, True) == (ok, failed > 0, rejected > 0, detect.endswith("s"))
+    # a reply already on its way when the fault began may still arrive: one per worker (4)
+    assert (True, True, True, True) == (ok <= 4, failed > 0, rejected > 0, detect.endswith("s"))
     assert set(row[10::2]) <= {"refused", "disconnect", "ambiguous_commit"}
     assert seconds < 15
 

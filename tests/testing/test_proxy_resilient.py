@@ -29,7 +29,6 @@ from resilient_db import (
     AmbiguousCommitError,
     BreakerPolicy,
     BreakerSnapshot,
-    CircuitOpenError,
     Policy,
     RetryPolicy,
     Timeouts,
@@ -218,7 +217,7 @@ def inject_refuse(rig: Rig) -> Seen:
 
 
 def inject_blackhole_connect(rig: Rig) -> Seen:
-    """Accepts but never answers: each attempt waits out the connect timeout."""
+    """Accepts but never answers: an attempt waits out the connect timeout, no retry fits."""
     rig.proxy.blackhole()
     exc = raised(rig.select)
     seen = rig.breaker()
@@ -366,16 +365,20 @@ def inject_reset_before_commit(rig: Rig) -> Seen:
 
 
 def inject_schedule(rig: Rig) -> Seen:
-    """blackhole now, passthrough in 1.5 s: the first connect times out, the retry succeeds."""
+    """blackhole now, passthrough in 1.5 s: the connect times out, the next call succeeds.
+
+    No second attempt is made within the call: after a 2 s connect timeout, another
+    could not end within the checkout bound (1 s).
+    """
     done = rig.proxy.schedule([(0, Fault.BLACKHOLE), (1.5, Fault.PASSTHROUGH)])
     wait_until(lambda: rig.proxy.mode is Fault.BLACKHOLE)
-    result = rig.select()  # attempt 1 waits out the 2 s connect timeout
+    exc = raised(rig.select)  # waits out the 2 s connect timeout
     done.result(timeout=2)
     return Seen(
-        None,
+        exc,
         rig.breaker(),
         {
-            "result": result,
+            "result": rig.select(),
             "connect_attempts": resilience_of(rig.engine).connect_attempts,
             "connections": rig.proxy.connections_total,
         },
@@ -432,14 +435,14 @@ CASES = [
             "connect_timeout",
             "connect",
             "connect",
-            attempt=2,
-            history=("connect_timeout", "connect_timeout"),
-            failures=2,
-            state="open",
+            attempt=1,  # a second 2 s attempt could not end within checkout (1 s)
+            history=("connect_timeout",),
+            failures=1,
+            state="closed",
             facts={
-                "connections": 2,
-                "then": CircuitOpenError.__name__,
-                "connections_while_open": 0,
+                "connections": 1,
+                "then": "OperationalError",  # the next caller's attempt: the second failure
+                "connections_while_open": 1,
             },
         ),
         mariadb_code="2013",
@@ -530,9 +533,18 @@ CASES = [
     Case(
         "schedule",
         inject_schedule,
-        dataclasses.replace(
-            OK, failures=1, facts={"result": 1, "connect_attempts": 2, "connections": 2}
+        Outcome(
+            "OperationalError",
+            "connect_timeout",
+            "connect",
+            "connect",
+            attempt=1,
+            history=("connect_timeout",),
+            failures=1,
+            state="closed",
+            facts={"result": 1, "connect_attempts": 2, "connections": 2},
         ),
+        mariadb_code="2013",
     ),
 ]
 
