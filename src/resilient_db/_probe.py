@@ -131,10 +131,6 @@ class Monitor:
             extra={"db_engine": r.name, "db_diagnosis": diagnosis},
         )
 
-    def connected(self) -> None:
-        """A fresh connection succeeded: the database answers again."""
-        self.unreachable = None
-
 
 def answers(target: Target, budget: float, connect_kwargs: dict[str, Any]) -> str | None:
     """Ask the server whether it answers at all; None if it does, else why not.

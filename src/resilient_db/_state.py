@@ -186,11 +186,7 @@ def default_name(url: URL) -> str:
 
 
 def register(engine: Engine, r: Resilience) -> None:
-    """Record that ``engine`` runs with ``r`` (wrap() calls this once per engine)."""
-    if engine in _REGISTRY:
-        raise ConfigurationError(
-            "engine", "is already wrapped by resilient_db.", "Wrap each engine once."
-        )
+    """Record that ``engine`` runs with ``r`` (wrap() checks :func:`is_registered` first)."""
     _REGISTRY[engine] = r
 
 
