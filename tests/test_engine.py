@@ -376,3 +376,13 @@ def test_rejection_is_rendered_on_first_access(sqlite_url: str) -> None:
     assert (None, None) == (errors[1].statement, errors[1].params)
     assert str(errors[1]) in str(errors[1].orig)
     engine.dispose()
+
+
+def test_wrapping_twice_is_refused(sqlite_url: str) -> None:
+    """A second wrap() of the same engine is a ConfigurationError, nothing attached twice."""
+    engine = resilient_db.wrap(sa.create_engine(sqlite_url))
+    with pytest.raises(resilient_db.ConfigurationError, match="already wrapped"):
+        resilient_db.wrap(engine)
+    with engine.connect() as conn:
+        assert 1 == conn.execute(sa.text("SELECT 1")).scalar()
+    engine.dispose()
