@@ -189,10 +189,40 @@ def test_connect_into_a_silent_port_fails_within_the_bound(server: str) -> None:
         proxy.blackhole()
         engine = resilient_db.create_engine(_proxied(server, proxy), policy=DEFAULT)
         error, took = _raised(lambda: _one(engine))
+        monitor = resilience_of(engine).monitor
+        assert monitor.wait(monitor.verdict_within() + 1.0)  # the timeout raised suspicion
+        verdict = (breaker_of(engine).state, monitor.failed)
         engine.dispose()
     ctx = resilient_db.error_context(error)
-    assert ctx is not None and ctx.phase == "connect"
+    assert ctx is not None and (ctx.phase, ctx.kind) == ("connect", "connect_timeout")
     assert took < 5.0, took
+    assert ("open", 1) == verdict  # the probe got no answer either: unreachable
+
+
+def test_connect_timeouts_into_a_slow_server_do_not_open_the_breaker(pg_url: str) -> None:
+    """A brownout makes new connects time out; the probe answers, so nothing is counted."""
+    u = sa.make_url(pg_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        engine = resilient_db.create_engine(_proxied(pg_url, proxy), policy=DEFAULT)
+        assert 1 == _one(engine)
+        proxy.latency(0.5)  # PostgreSQL's handshake needs two round trips: over 2 s
+        threshold = breaker_of(engine).policy.failure_threshold
+        with concurrent.futures.ThreadPoolExecutor(threshold + 1) as pool:
+            held = [pool.submit(engine.connect) for _ in range(threshold + 1)]
+            outcomes = [f.exception() or f.result() for f in held]
+        monitor = resilience_of(engine).monitor
+        monitor.wait(monitor.verdict_within() + 1.0)
+        verdict = (breaker_of(engine).state, monitor.failed)
+        proxy.passthrough()
+        for o in outcomes:
+            if isinstance(o, sa.Connection):
+                o.close()
+        engine.dispose()
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    kinds = [getattr(resilient_db.error_context(e), "kind", None) for e in errors]
+    assert kinds.count("connect_timeout") >= threshold, kinds
+    assert monitor.probes >= 1
+    assert ("closed", 0) == verdict
 
 
 def test_nobody_waits_while_a_probe_is_out(pg_url: str) -> None:

@@ -22,7 +22,7 @@ from ._admission import circuit_open
 from ._driver_args import lock_wait_seconds
 from ._state import EXITS, Resilience
 from .breaker import CLOSED, OPEN, Rejected
-from .classify import Kind, RetryLevel, Target, classify
+from .classify import Classification, Kind, RetryLevel, Target, classify
 from .errors import attach
 
 __all__ = [
@@ -154,7 +154,7 @@ def _connect_retrying(
         history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
         b = r.breaker
         if b is not None and c.counts_for_breaker:
-            b.record_failure(c.diagnosis)
+            _count(r, c)
         elapsed = r.clock() - start
         pause = _backoff.backoff(policy, attempt)
         if (
@@ -188,6 +188,22 @@ def _connect_retrying(
         wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
         attach(wrapped, ctx)
         raise wrapped from error
+
+
+def _count(r: Resilience, c: Classification) -> None:
+    """Count a failed connect for the breaker, or let a probe judge a connect timeout.
+
+    A connect that timed out may have met a slow server (a brownout: every reply
+    late), not an unreachable one: when the server can be probed, the timeout
+    only raises suspicion, and the probe's verdict decides (no answer trips the
+    breaker, an answer counts nothing). Refusals, DNS failures and the rest count.
+    """
+    m = r.monitor
+    if c.kind is Kind.CONNECT_TIMEOUT and m is not None and m.can_probe:
+        m.suspect(time.monotonic())
+        return
+    assert r.breaker is not None
+    r.breaker.record_failure(c.diagnosis)
 
 
 def _await_verdict(r: Resilience) -> None:

@@ -34,7 +34,7 @@ from ._state import Resilience
 from ._watchdog import WATCHDOG
 from .classify import Target
 
-__all__ = ["Monitor", "answers"]
+__all__ = ["Monitor", "answers", "probeable"]
 
 logger = logging.getLogger("resilient_db.probe")
 
@@ -75,6 +75,12 @@ class Monitor:
             self.probing = True
             self._done.clear()
         threading.Thread(target=self._run, name="resilient-db-probe", daemon=True).start()
+
+    @property
+    def can_probe(self) -> bool:
+        """True when :func:`answers` can ask this engine's server (a TCP or socket host)."""
+        r = self._r()
+        return r is not None and probeable(r.target)
 
     def verdict_within(self) -> float:
         """The longest a probe takes from start to verdict (its budget and the confirmation)."""
@@ -130,6 +136,11 @@ class Monitor:
             cut,
             extra={"db_engine": r.name, "db_diagnosis": diagnosis},
         )
+
+
+def probeable(target: Target) -> bool:
+    """True when :func:`answers` really asks the server (PostgreSQL, MariaDB/MySQL, a host)."""
+    return bool(target.host) and target.dialect in ("postgresql", "mysql", "mariadb")
 
 
 def answers(target: Target, budget: float, connect_kwargs: dict[str, Any]) -> str | None:
