@@ -97,6 +97,14 @@ def test_pool_functions_against_a_real_queue_pool() -> None:
         got.append("return")
         _compat.pool_do_return(self._rdb_base, self, record)
 
+    def do_get_bound(self):  # type: ignore[no-untyped-def]
+        got.append("get")
+        return self._rdb_do_get()  # the original method, for the hot path
+
+    def do_return_bound(self, record):  # type: ignore[no-untyped-def]
+        got.append("return")
+        self._rdb_do_return(record)
+
     base = _compat.reclass_pool(engine.pool, "Test", {}, checkout=do_get, checkin=do_return)
     assert (QueuePool, QueuePool) == (base, _compat.base_pool_class(engine.pool))
     assert "TestQueuePool" == type(engine.pool).__name__
@@ -110,6 +118,14 @@ def test_pool_functions_against_a_real_queue_pool() -> None:
         assert record is _compat.record_of(conn.connection)
     assert ["get", "return"] == got
     assert _compat.no_free_connection(engine.pool) is False
+    _compat.reclass_pool(engine.pool, "Bound", {}, checkout=do_get_bound, checkin=do_return_bound)
+    with engine.connect() as conn:
+        assert _compat.no_free_connection(engine.pool) is True
+        state = object()
+        _compat.set_record_state(_compat.record_of(conn), state)
+        assert state is _compat.connection_state(conn.connection)
+        assert _compat.connection_state(object()) is None
+    assert ["get", "return"] * 2 == got
     engine.dispose()
 
 

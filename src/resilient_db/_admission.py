@@ -196,11 +196,15 @@ def _checkout(self: Any) -> Any:
         and (r.max_waiters is None or _compat.queue_pool_can_grow(self))
     ):
         try:
-            rec = _compat.pool_do_get(self._rdb_base, self)
+            rec = self._rdb_do_get()  # the pool class's own checkout (_compat.reclass_pool)
         except sa_exc.TimeoutError:
             raise pool_exhausted(r, self, r.waiting, "checkout timed out") from None
-        if r.ping_after_idle is not None and _idle_too_long(r, rec):
-            rec = _vet(r, self, rec, 0, False)
+        idle = r.ping_after_idle
+        if idle is not None:
+            st = getattr(rec, _STATE, None)
+            since = st.idle_since if st is not None else None
+            if since is not None and r.clock() - since > idle:
+                rec = _vet(r, self, rec, 0, False)
         return rec
     return _checkout_guarded(self)
 
@@ -240,7 +244,7 @@ def _checkout_guarded(self: Any) -> Any:
                 b.release(probe)
             raise pool_exhausted(r, self, waiting, "too many callers waiting")
     try:
-        rec = _compat.pool_do_get(self._rdb_base, self)
+        rec = self._rdb_do_get()
     except sa_exc.TimeoutError:
         if b is not None:
             b.release(probe)
@@ -287,7 +291,7 @@ def _checkin(self: Any, record: Any) -> None:
             b.record_success(probe)
     if r.ping_after_idle is not None:
         (st if st is not None else conn_state(record)).idle_since = r.clock()
-    _compat.pool_do_return(self._rdb_base, self, record)
+    self._rdb_do_return(record)  # the pool class's own check-in
 
 
 def _connect(self: Any) -> Any:

@@ -30,6 +30,7 @@ __all__ = [
     "checkin_failed",
     "checkin_unused",
     "commit_or_rollback_in",
+    "connection_state",
     "context_state",
     "has_engine_creator",
     "invalidate_older",
@@ -102,13 +103,22 @@ def reclass_pool(
     record)`` its ``_do_return_conn``, the two methods every checkout and
     check-in pass through whatever the pool class; ``attrs`` are added as
     class attributes. The original class is kept as ``_rdb_base``: call it
-    with :func:`pool_do_get` / :func:`pool_do_return`. A pool re-classed
+    with :func:`pool_do_get` / :func:`pool_do_return`, or, on the hot path, with
+    the pool's own ``_rdb_do_get()`` / ``_rdb_do_return(record)`` (the original
+    methods, bound without a wrapper call). A pool re-classed
     before is re-classed from its original class. (CPython refuses to change
     an existing object's ``__class__`` to a class with an extra base, so the
     methods are set on a direct subclass.)
     """
     base = base_pool_class(pool)
-    ns = {"_rdb_base": base, **attrs, "_do_get": checkout, "_do_return_conn": checkin}
+    ns = {
+        "_rdb_base": base,
+        "_rdb_do_get": base._do_get,
+        "_rdb_do_return": base._do_return_conn,
+        **attrs,
+        "_do_get": checkout,
+        "_do_return_conn": checkin,
+    }
     cls = type(f"{name}{base.__name__}", (base,), ns)
     pool.__class__ = cls
     return base
@@ -260,6 +270,11 @@ def record_state(record: Any) -> Any:
 def set_record_state(record: Any, state: Any) -> None:
     """Give a pool record resilient_db's state (None: forget it, for a new connection)."""
     setattr(record, STATE_ATTR, state)
+
+
+def connection_state(pooled: Any) -> Any:
+    """resilient_db's state of a pooled connection's record (commit/rollback: hot path)."""
+    return getattr(getattr(pooled, "_connection_record", None), STATE_ATTR, None)
 
 
 def context_state(context: Any) -> Any:

@@ -171,13 +171,16 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
 
     def guard(
         original: Callable[..., Any],
-        state_of: Callable[..., Any],
         rollback: bool = False,
         timed: bool = False,
     ) -> Callable[..., Any]:
+        # an execute's execution context comes last; a commit's / rollback's connection first
+        state_of = _compat.context_state if timed else _compat.connection_state
+        at = -1 if timed else 0
+
         def guarded(*args: Any) -> Any:
             # the record's state up front only for the watchdog slot; a slow call reads it after
-            st = state_of(args) if call is not None else None
+            st = state_of(args[at]) if call is not None else None
             slot = st.slot if st is not None else None
             if rollback and slot is not None and slot.shot:
                 # its socket is shut down: the server rolled back when it saw the connection
@@ -205,13 +208,13 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
                 raise
             finally:
                 if slot is not None:
-                    slot.disarm(outer)
+                    slot.deadline = outer  # Slot.disarm(outer), inlined: the hot path
             if tel is not None:
                 tel.operations.add(_perf() - started)
-            if slot is not None:
+            if slot is not None and slot.fired:  # Slot.returned(), inlined
                 slot.returned()
             if slow_call is not None and clock() - t0 > slow_call:
-                rec = _compat.record_of(args[-1] if state_of is _context_state else args[0])
+                rec = _compat.record_of(args[at])
                 if rec is not None:
                     slow(r, conn_state(rec))
             return result
@@ -219,19 +222,9 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
         return guarded
 
     for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, guard(getattr(dialect, name), _context_state, timed=True))
-    dialect.do_commit = guard(dialect.do_commit, _connection_state)
-    dialect.do_rollback = guard(dialect.do_rollback, _connection_state, rollback=True)
-
-
-def _context_state(args: tuple[Any, ...]) -> ConnState | None:
-    """The pool record's state, from an execute call's execution context (the last arg)."""
-    return _compat.context_state(args[-1])  # type: ignore[no-any-return]
-
-
-def _connection_state(args: tuple[Any, ...]) -> ConnState | None:
-    """The pool record's state, from a commit/rollback call's pooled connection."""
-    return _compat.record_state(_compat.record_of(args[0]))  # type: ignore[no-any-return]
+        setattr(dialect, name, guard(getattr(dialect, name), timed=True))
+    dialect.do_commit = guard(dialect.do_commit)
+    dialect.do_rollback = guard(dialect.do_rollback, rollback=True)
 
 
 class _DeadlineCursor:
