@@ -129,8 +129,10 @@ class Monitor:
         for slot in WATCHDOG.slots():
             if slot.monitor is self and slot.deadline and not slot.fired:
                 slot.cut = diagnosis
-                slot.deadline = min(slot.deadline, now)  # the next scan shuts it down
+                slot.deadline = min(slot.deadline, now)  # due now
                 cut += 1
+        if cut:
+            WATCHDOG.scan()  # shut them down now, not at the watchdog's next tick
         logger.warning(
             "database unreachable; %d call(s) in flight cut",
             cut,
