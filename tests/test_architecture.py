@@ -13,7 +13,6 @@ PKG = SRC / "resilient_db"
 #: Modules still over 450 lines, with their size when this ratchet was set: each may
 #: only shrink. Split one and take it off the list.
 OVERSIZE = {
-    "classify.py": 745,  # mostly the rule table
     "telemetry/__init__.py": 610,
     "failover.py": 600,
     "fleet.py": 550,
@@ -24,7 +23,6 @@ OVERSIZE = {
 #: Functions over 80 lines, likewise a ratchet.
 LONG_FUNCTIONS = {
     "testing/drill.py:drill": 165,
-    "validation/connect.py:_connect_message": 115,
 }
 
 
