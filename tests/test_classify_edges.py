@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import socket
 
 import pymysql
 import pytest
@@ -17,7 +18,8 @@ from resilient_db import (
     Target,
     classify,
 )
-from resilient_db.classify import _RULES
+from resilient_db import _classify_rules as _table
+from resilient_db.classify import _RULES, explain
 
 PHASES = [None, "connect", "checkout", "execute", "commit", "rollback"]
 
@@ -188,3 +190,32 @@ def test_mysql_2003_reset_during_handshake_is_a_disconnect() -> None:
     )
     c = classify(sa_exc.OperationalError(None, None, orig), phase="connect")
     assert (Kind.DISCONNECT, RetryLevel.CONNECT) == (c.kind, c.retry)
+
+
+@pytest.mark.parametrize("rule", [*Kind, *_table.CONNECT_VARIANTS], ids=str)
+def test_startup_checks_say_what_the_runtime_says(rule: Kind | str) -> None:
+    """explain() gives the startup checks the runtime diagnosis's words, minus the engine's part."""
+    target = Target("postgresql", "psycopg", "db.example", 5432, "app", "svc")
+    what, fix = explain(rule, target)
+    assert what.strip() != "" and "{" not in what + fix
+    if isinstance(rule, Kind):
+        template = _RULES[rule][2].format(
+            where=target.where, host=target.host, user=target.user, database=target.database
+        )
+        assert template.startswith(f"{what} {fix}".strip())
+
+
+def test_temporary_dns_failure_is_not_called_a_configuration_error() -> None:
+    """EAI_AGAIN is retried at connect, and its diagnosis says it is an outage."""
+    c = classify(socket.gaierror(-3, "Temporary failure in name resolution"), phase="connect")
+    assert (Kind.DNS, RetryLevel.CONNECT) == (c.kind, c.retry)
+    assert "failed temporarily" in c.diagnosis
+    assert "Configuration error" not in c.diagnosis
+
+
+def test_a_connection_closed_while_connecting_lost_no_transaction() -> None:
+    """A disconnect at connect is a closed handshake; no transaction was lost."""
+    c = classify(ConnectionResetError(104, "Connection reset by peer"), phase="connect")
+    assert (Kind.DISCONNECT, RetryLevel.CONNECT) == (c.kind, c.retry)
+    assert "closed the connection during the handshake" in c.diagnosis
+    assert "transaction" not in c.diagnosis

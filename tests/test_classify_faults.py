@@ -130,7 +130,7 @@ W_NO_USER_PG = Want(
     Kind.AUTHENTICATION,
     RetryLevel.NEVER,
     False,
-    "the user doesn't exist or the password is wrong",
+    "the password is wrong or the user does not exist",
     "connect",
 )
 #: MariaDB 10.11 answers 1045 for an unknown user too (faults.md saw 1698)

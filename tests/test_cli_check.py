@@ -466,7 +466,7 @@ def test_quiet_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"postgresql+psycopg://app@127.0.0.1:{free_port()}/shop"
     status, out, _ = check(capsys, url, "--quiet", json_out=False)
     assert (2, 1) == (status, len(out.splitlines()))
-    assert out.startswith(f"{url} - error RDB202 (TCP connect): Nothing accepts connections")
+    assert out.startswith(f"{url} - error RDB202 (TCP connect): Nothing is accepting connections")
 
 
 def test_bad_port_says_it_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:

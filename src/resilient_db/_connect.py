@@ -21,6 +21,7 @@ from . import _backoff, _compat
 from ._admission import circuit_open
 from ._driver_args import lock_wait_seconds
 from ._state import EXITS, Resilience
+from ._translate import connect_failure
 from .breaker import CLOSED, OPEN, Rejected
 from .classify import Classification, Kind, RetryLevel, Target, classify
 from .errors import attach
@@ -180,14 +181,10 @@ def _connect_retrying(
         )
         r.record_error(c, ctx)
         attach(error, ctx)
-        if isinstance(error, (dialect.loaded_dbapi.Error, sa_exc.SQLAlchemyError)) or not (
-            isinstance(error, Exception)
-        ):
+        raised = connect_failure(dialect, error, ctx)
+        if raised is error:
             raise error
-        # bare socket errors (asyncpg) become the SQLAlchemy error users catch
-        wrapped = sa_exc.OperationalError(None, None, error, hide_parameters=True)
-        attach(wrapped, ctx)
-        raise wrapped from error
+        raise raised from error  # a bare socket error (asyncpg): OperationalError
 
 
 def _count(r: Resilience, c: Classification) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 from . import _compat
 from ._deadline import SETTING_UP, slot_of
 from ._state import EXITS, Resilience, conn_state
+from ._translate import ambiguous_commit
 from .classify import Kind, classify
-from .errors import _CONTEXT_ATTR, AmbiguousCommitError, ErrorContext, attach, redact_parameters
+from .errors import _CONTEXT_ATTR, ErrorContext, attach, redact_parameters
 
 __all__ = ["handle_error"]
 
@@ -114,11 +115,7 @@ def _classified(
         c = fo.refused_write(ctx, c)  # the primary moved: re-route (failover.py)
     ectx = r.record_error(c, r.context(c, phase=phase, target=t, diagnosis=diagnosis))
     if c.kind is Kind.AMBIGUOUS_COMMIT:
-        return AmbiguousCommitError(
-            f"Engine '{r.name}': {c.diagnosis} (cause: {type(orig).__name__})",
-            ectx,
-            orig=orig if isinstance(orig, Exception) else None,
-        )
+        return ambiguous_commit(r.name, c.diagnosis, orig, ectx)
     attach(target_exc, ectx)
     return None
 

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engin
 
 from ._compat import spawn
 from ._driver_args import engine_kwargs
+from ._translate import aiomysql_connect_timeout, call_failure
 from .classify import Kind
 from .config import Policy, ValidateMode
 from .engine import (
@@ -51,7 +52,7 @@ from .engine import (
     resilience_of,
     wrap,
 )
-from .errors import ConfigurationError, attach, chain, error_context
+from .errors import ConfigurationError, chain, error_context
 from .failover import Failover, Host, Role, split_url
 
 __all__ = ["create_async_engine", "wrap_async"]
@@ -258,17 +259,11 @@ async def _connect_within(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    import aiomysql
-
     try:
         return await asyncio.wait_for(connect(*args, **kwargs), timeout)
     except asyncio.TimeoutError:
         # (aiomysql closes the socket when its handshake read is cancelled)
-        # PyMySQL's message for the same fault, so that classify() reads it alike
-        host = kwargs.get("host", "localhost")
-        raise aiomysql.OperationalError(
-            2003, f"Can't connect to MySQL server on {host!r} (timed out)"
-        ) from None
+        raise aiomysql_connect_timeout(kwargs.get("host", "localhost")) from None
 
 
 # -- asyncpg: bare errors, slow "graceful" closes ---------------------------------------
@@ -284,34 +279,10 @@ def _after_classified(ctx: Any) -> BaseException | None:
     ectx = error_context(found)
     if ectx is None:
         return None  # cancellation, or an error nobody classified
-    timed_out = ectx.kind == Kind.READ_TIMEOUT.value
-    if timed_out and ctx.connection is not None:
+    if ectx.kind == Kind.READ_TIMEOUT.value and ctx.connection is not None:
         _abort_asyncpg(ctx.connection)
-    if (
-        (ctx.sqlalchemy_exception is None and isinstance(orig, (OSError, asyncio.TimeoutError)))
-        # the watchdog's shot: asyncpg says "connection was closed", a generic DBAPIError
-        or (timed_out and not isinstance(found, sa_exc.OperationalError))
-        # a connection the server closed: asyncpg's "connection is closed" is an
-        # InterfaceError, where the other drivers raise OperationalError (docs/async.md)
-        or (ectx.kind in _GONE and isinstance(found, sa_exc.InterfaceError))
-    ):
-        wrapped = sa_exc.OperationalError(
-            ctx.statement,
-            None,
-            orig,
-            hide_parameters=True,
-            connection_invalidated=bool(ctx.is_disconnect),
-        )
-        attach(wrapped, ectx)
-        return wrapped
-    return None
+    return call_failure(ctx, found, ectx)  # asyncpg's other shapes: OperationalError
 
-
-# kinds meaning the server or the network closed the connection
-_GONE = frozenset(
-    k.value
-    for k in (Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.SERVER_SHUTDOWN, Kind.IDLE_TIMEOUT)
-)
 
 # asyncpg encodes bind values itself and quotes the offending one in its error:
 # "invalid input for query argument $1: 'value...' (reason)"

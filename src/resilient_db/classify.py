@@ -6,6 +6,10 @@ errors asyncpg lets through. It decides on SQLSTATE or MySQL errno first, then
 on ``connection_invalidated`` and message text (libpq gives no SQLSTATE for
 connect-time failures), and only last on the exception class, which is not a
 usable signal on its own (see ``docs/errors.md``).
+
+The tables it decides with (codes, message fragments, and each kind's retry level
+and diagnosis) are pure data in ``_classify_rules.py``; :func:`explain` gives the
+startup checks the same diagnosis words.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from enum import Enum
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
+from . import _classify_rules as _table
+from ._error_facts import (
+    dns_for_now,
+    find_code,
+    is_database_error,
+    is_python_level,
+    message,
+)
 from ._lock_wait import GONE_AWAY, lock_template, pg_lock_wait
 from .errors import CircuitOpenError, ResilientDBError, error_context
 from .errors import chain as _chain
@@ -125,371 +137,30 @@ class Classification:
         return self.retry is not RetryLevel.NEVER
 
 
+#: what a connect timeout waited for, in the runtime's diagnoses
+_WITHIN = "the connect timeout"
+
+
+def _sentences(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+# the rule tables (_classify_rules.py) with their kinds and retry levels as enums
 # kind -> (retry level, counts for the breaker, diagnosis template)
 _RULES: dict[Kind, tuple[RetryLevel, bool, str]] = {
-    Kind.REFUSED: (
-        RetryLevel.CONNECT,
-        True,
-        "Nothing is accepting connections at {where}: the server is down or restarting, "
-        "or the port in DATABASE_URL is wrong.",
-    ),
-    Kind.DNS: (
-        RetryLevel.NEVER,
-        False,
-        "Host name '{host}' does not resolve. Check the host in DATABASE_URL. "
-        "Configuration error, not an outage.",
-    ),
-    Kind.CONNECT_TIMEOUT: (
-        RetryLevel.CONNECT,
-        True,
-        "{where} accepted no connection or sent no database greeting within the connect "
-        "timeout: the wrong port or service, a proxy or firewall swallowing traffic, "
-        "or a hung server.",
-    ),
-    Kind.TLS: (
-        RetryLevel.NEVER,
-        False,
-        "TLS mismatch with {where}: the client requires TLS and the server doesn't offer it "
-        "(or 'no encryption': the server requires TLS). Fix sslmode in DATABASE_URL or "
-        "the server's TLS setup.",
-    ),
-    Kind.AUTHENTICATION: (
-        RetryLevel.NEVER,
-        False,
-        "Authentication failed for user '{user}' at {where}: the user doesn't exist or the "
-        "password is wrong. Check the password in DATABASE_URL. Configuration error, "
-        "not an outage; not retrying.",
-    ),
-    Kind.UNKNOWN_USER: (
-        RetryLevel.NEVER,
-        False,
-        "Authentication failed for '{user}' at {where}: the user doesn't exist or the "
-        "password is wrong. Check DATABASE_URL.",
-    ),
-    Kind.UNKNOWN_DATABASE: (
-        RetryLevel.NEVER,
-        False,
-        "Database '{database}' does not exist on {where}, or '{user}' can't access it. "
-        "Check the database name in DATABASE_URL.",
-    ),
-    Kind.TOO_MANY_CONNECTIONS: (
-        RetryLevel.CONNECT,
-        True,
-        "{where} refused a new connection because its connection limit is reached. "
-        "Lower pool_size x instances or raise max_connections. Retrying with backoff.",
-    ),
-    Kind.DISCONNECT: (
-        RetryLevel.TRANSACTION,
-        True,
-        "The connection to {where} was lost: the server restarted or failed over, the "
-        "session was killed (KILL / pg_terminate_backend) or timed out idle "
-        "(idle_session_timeout, wait_timeout), or a proxy, load balancer or firewall reset "
-        "it. The transaction was not committed; the pool was refreshed, so the next "
-        "checkout gets a new connection.",
-    ),
-    Kind.READ_TIMEOUT: (
-        RetryLevel.TRANSACTION,
-        True,
-        "{where} sent no reply within the per-call deadline, so the connection was discarded: "
-        "the network went silent (blackhole), the server hangs, or the query is slower "
-        "than the deadline.",
-    ),
-    Kind.SERVER_SHUTDOWN: (
-        RetryLevel.CONNECT,
-        True,
-        "The database at {where} is shutting down or restarting. Any in-flight transaction "
-        "was lost; connecting will be retried until the server is back.",
-    ),
-    Kind.ADMIN_TERMINATED: (
-        RetryLevel.TRANSACTION,
-        True,
-        "The server ended the session on {where}: a restart or shutdown (a pooled connection "
-        "that died in a fast restart fails like this on its first statement), or an "
-        "administrator or another process (pg_terminate_backend / KILL). The open "
-        "transaction was rolled back; the pool was refreshed, so the next checkout gets a "
-        "new connection.",
-    ),
-    Kind.IDLE_TIMEOUT: (
-        RetryLevel.CONNECT,
-        True,
-        "{where} closed a connection that sat idle longer than its timeout. Set pool_recycle "
-        "below that timeout, or enable pool_pre_ping.",
-    ),
-    Kind.READ_ONLY: (
-        RetryLevel.NEVER,
-        False,
-        "{where} is read-only (a standby/replica, or read_only is set). DATABASE_URL points "
-        "at a replica, or a failover demoted this node. Writes must go to the primary.",
-    ),
-    Kind.SERIALIZATION_FAILURE: (
-        RetryLevel.TRANSACTION,
-        False,
-        "Serialization conflict (40001) with a concurrent transaction. Nothing was "
-        "committed; replay the whole transaction.",
-    ),
-    Kind.DEADLOCK: (
-        RetryLevel.TRANSACTION,
-        False,
-        "Deadlock with a concurrent transaction. It was rolled back and can be replayed. "
-        "Frequent deadlocks mean lock ordering is inconsistent.",
-    ),
-    Kind.LOCK_TIMEOUT: (
-        RetryLevel.TRANSACTION,
-        False,
-        "Gave up waiting for a lock held by another transaction (often one left idle in a "
-        "transaction): a lock wait, not a slow query. A replay after rollback may succeed; "
-        "find the blocker in pg_stat_activity / information_schema.innodb_trx.",
-    ),
-    Kind.STATEMENT_TIMEOUT: (
-        RetryLevel.NEVER,
-        False,
-        "A query exceeded the server's statement timeout and was cancelled. Optimise it or "
-        "raise the timeout; a retry will probably time out again.",
-    ),
-    Kind.QUERY_CANCELED: (
-        RetryLevel.TRANSACTION,
-        False,
-        "The statement was cancelled by another session (pg_cancel_backend / KILL QUERY). "
-        "On PostgreSQL the transaction is aborted; replay the whole unit of work.",
-    ),
-    Kind.DISK_FULL: (
-        RetryLevel.NEVER,
-        True,
-        "The database server is out of disk space (or over a temp-space limit). Writes will "
-        "keep failing until space is freed; an ops problem, not a code bug.",
-    ),
-    Kind.POOL_EXHAUSTED: (
-        RetryLevel.CONNECT,
-        False,
-        "All local pool connections stayed busy until the checkout timeout: likely leaked "
-        "connections, an undersized pool or a slow database, not a network problem.",
-    ),
-    Kind.AMBIGUOUS_COMMIT: (
-        RetryLevel.NEVER,
-        True,
-        "The connection to {where} was lost while COMMIT was in flight, so the transaction "
-        "may or may not have committed. It won't be retried automatically. Verify before "
-        "re-running.",
-    ),
-    Kind.CIRCUIT_OPEN: (
-        RetryLevel.NEVER,
-        False,
-        "The circuit breaker for {where} is open: calls fail fast without reaching the database.",
-    ),
-    Kind.CONFIGURATION: (
-        RetryLevel.NEVER,
-        False,
-        "{where} rejected the connection settings (a parameter the user may not set, a "
-        "missing file or directory, or a bad option). Check DATABASE_URL and connect_args.",
-    ),
-    Kind.CANCELLED: (
-        RetryLevel.NEVER,
-        False,
-        "The call was cancelled by the caller; this is not a database failure.",
-    ),
-    Kind.APPLICATION: (
-        RetryLevel.NEVER,
-        False,
-        "The database rejected the statement (constraint, syntax, permission or data error). "
-        "Fix the query or the data; retrying will not help.",
-    ),
-    Kind.UNKNOWN: (
-        RetryLevel.NEVER,
-        False,
-        "Unrecognised database error; not retried. See the original error above.",
-    ),
+    Kind(kind): (RetryLevel(retry), counts, _sentences(*words).replace("{within}", _WITHIN))
+    for kind, (retry, counts, *words) in _table.RULES.items()
 }
-
-# PostgreSQL SQLSTATE -> kind (exact codes first, then classes)
-_PG_CODES: dict[str, Kind] = {
-    "28P01": Kind.AUTHENTICATION,
-    "28000": Kind.AUTHENTICATION,
-    "3D000": Kind.UNKNOWN_DATABASE,
-    "53300": Kind.TOO_MANY_CONNECTIONS,
-    "57P01": Kind.ADMIN_TERMINATED,
-    "57P02": Kind.ADMIN_TERMINATED,
-    "57P03": Kind.SERVER_SHUTDOWN,
-    "57P05": Kind.IDLE_TIMEOUT,
-    "25P03": Kind.IDLE_TIMEOUT,
-    "25006": Kind.READ_ONLY,
-    "40001": Kind.SERIALIZATION_FAILURE,
-    "40P01": Kind.DEADLOCK,
-    "55P03": Kind.LOCK_TIMEOUT,
-    "53100": Kind.DISK_FULL,
-    "53400": Kind.DISK_FULL,
-    "53200": Kind.DISK_FULL,
-    "08001": Kind.REFUSED,
-    "08004": Kind.TOO_MANY_CONNECTIONS,
-    "42501": Kind.APPLICATION,
+_VARIANTS = {
+    name: _sentences(*words).replace("{within}", _WITHIN)
+    for name, words in _table.CONNECT_VARIANTS.items()
 }
-_PG_CLASSES: dict[str, Kind] = {
-    "08": Kind.DISCONNECT,
-    "22": Kind.APPLICATION,
-    "23": Kind.APPLICATION,
-    "42": Kind.APPLICATION,
-    "0A": Kind.APPLICATION,
-    "21": Kind.APPLICATION,
-    "44": Kind.APPLICATION,
-    "P0": Kind.APPLICATION,
-}
+_PG_CODES = {code: Kind(kind) for code, kind in _table.PG_CODES.items()}
+_PG_CLASSES = {code: Kind(kind) for code, kind in _table.PG_CLASSES.items()}
+_MY_CODES = {num: Kind(kind) for num, kind in _table.MY_CODES.items()}
+_TEXT_RULES = tuple((fragment, Kind(kind)) for fragment, kind in _table.TEXT_RULES)
 
-# MySQL / MariaDB errno -> kind
-_MY_CODES: dict[int, Kind] = {
-    1045: Kind.AUTHENTICATION,
-    1698: Kind.UNKNOWN_USER,
-    1044: Kind.UNKNOWN_DATABASE,
-    1049: Kind.UNKNOWN_DATABASE,
-    2026: Kind.TLS,
-    3159: Kind.TLS,
-    1040: Kind.TOO_MANY_CONNECTIONS,
-    1203: Kind.TOO_MANY_CONNECTIONS,
-    1226: Kind.TOO_MANY_CONNECTIONS,
-    2005: Kind.DNS,
-    2006: Kind.DISCONNECT,
-    2013: Kind.DISCONNECT,
-    2055: Kind.DISCONNECT,
-    1927: Kind.ADMIN_TERMINATED,
-    1053: Kind.SERVER_SHUTDOWN,
-    1205: Kind.LOCK_TIMEOUT,
-    1213: Kind.DEADLOCK,
-    1969: Kind.STATEMENT_TIMEOUT,
-    3024: Kind.STATEMENT_TIMEOUT,
-    1317: Kind.QUERY_CANCELED,
-    1290: Kind.READ_ONLY,
-    1792: Kind.READ_ONLY,
-    1836: Kind.READ_ONLY,
-    1114: Kind.DISK_FULL,
-    1021: Kind.DISK_FULL,
-    1041: Kind.DISK_FULL,
-}
-# server-side statement errors that are the application's fault
-# fmt: off
-_MY_APPLICATION = frozenset({
-    1022, 1048, 1051, 1054, 1062, 1064, 1065, 1091, 1110, 1136, 1142, 1143, 1146, 1149,
-    1166, 1169, 1216, 1217, 1264, 1292, 1364, 1366, 1406, 1451, 1452, 1690, 3819, 4025,
-    1050, 1060, 1061, 1068, 1072, 1075, 1171, 1227, 1265,
-})
-# fmt: on
-
-# message fragments (lower case) -> kind, for errors without a code (libpq at connect)
-_TEXT_RULES: tuple[tuple[str, Kind], ...] = (
-    ("temporary failure in name resolution", Kind.DNS),
-    ("could not translate host name", Kind.DNS),
-    ("failed to resolve host", Kind.DNS),
-    ("name or service not known", Kind.DNS),
-    ("nodename nor servname", Kind.DNS),
-    ("no address associated with hostname", Kind.DNS),
-    ("errno -2]", Kind.DNS),
-    ("errno -3]", Kind.DNS),
-    ("errno -5]", Kind.DNS),
-    ("server does not support ssl", Kind.TLS),
-    ("ssl was required", Kind.TLS),
-    ("rejected ssl upgrade", Kind.TLS),
-    ("no encryption", Kind.TLS),
-    ("ssl is required", Kind.TLS),
-    ("certificate verify failed", Kind.TLS),
-    ("password authentication failed", Kind.AUTHENTICATION),
-    ("authentication failed", Kind.AUTHENTICATION),
-    ("no password supplied", Kind.AUTHENTICATION),
-    ("pg_hba.conf rejects", Kind.AUTHENTICATION),
-    ("no pg_hba.conf entry", Kind.AUTHENTICATION),
-    ("access denied for user", Kind.AUTHENTICATION),
-    ("does not exist", Kind.UNKNOWN_DATABASE),  # refined below for roles
-    ("too many clients already", Kind.TOO_MANY_CONNECTIONS),
-    ("remaining connection slots are reserved", Kind.TOO_MANY_CONNECTIONS),
-    ("too many connections", Kind.TOO_MANY_CONNECTIONS),
-    ("the database system is shutting down", Kind.SERVER_SHUTDOWN),
-    ("the database system is starting up", Kind.SERVER_SHUTDOWN),
-    ("not yet accepting connections", Kind.SERVER_SHUTDOWN),
-    ("the database system is in recovery mode", Kind.SERVER_SHUTDOWN),
-    ("terminating connection due to administrator command", Kind.ADMIN_TERMINATED),
-    ("terminating connection due to idle-session timeout", Kind.IDLE_TIMEOUT),
-    ("permission denied to set parameter", Kind.CONFIGURATION),
-    ("connection refused", Kind.REFUSED),
-    ("errno 111]", Kind.REFUSED),
-    ("timeout expired", Kind.CONNECT_TIMEOUT),
-    ("timed out", Kind.READ_TIMEOUT),
-    ("server closed the connection unexpectedly", Kind.DISCONNECT),
-    ("consuming input failed", Kind.DISCONNECT),
-    ("connection already closed", Kind.DISCONNECT),
-    ("the connection is closed", Kind.DISCONNECT),
-    ("connection was closed", Kind.DISCONNECT),
-    ("connection reset by peer", Kind.DISCONNECT),
-    ("broken pipe", Kind.DISCONNECT),
-    ("ssl syscall error", Kind.DISCONNECT),
-    ("lost connection", Kind.DISCONNECT),
-    ("gone away", Kind.DISCONNECT),
-    # sqlite3
-    ("database is locked", Kind.LOCK_TIMEOUT),
-    ("database table is locked", Kind.LOCK_TIMEOUT),
-    ("database or disk is full", Kind.DISK_FULL),
-    ("attempt to write a readonly database", Kind.READ_ONLY),
-    ("unable to open database file", Kind.CONFIGURATION),
-)
-
-_CONNECTION_LOSS = {
-    Kind.DISCONNECT,
-    Kind.READ_TIMEOUT,
-    Kind.ADMIN_TERMINATED,
-    Kind.SERVER_SHUTDOWN,
-    Kind.IDLE_TIMEOUT,
-}
-
-
-_MYSQL_MODULES = ("pymysql", "aiomysql", "MySQLdb", "mysql.connector", "asyncmy")
-
-
-def _is_mysql(e: BaseException) -> bool:
-    return type(e).__module__.startswith(_MYSQL_MODULES)
-
-
-def _sqlstate(e: BaseException) -> str | None:
-    """A PostgreSQL SQLSTATE. MySQL errors carry one too (PyMySQL >= 1.2), but it is
-    coarse (1044, 1064 and 1142 all say 42000; 1213 says 40001) and means something
-    else in PostgreSQL's table, so for them the errno is the only signal."""
-    if _is_mysql(e):
-        return None
-    for attr in ("sqlstate", "pgcode"):
-        value = getattr(e, attr, None)
-        if isinstance(value, str) and len(value) == 5:
-            return value
-    return None
-
-
-def _mysql_errno(e: BaseException) -> int | None:
-    if not _is_mysql(e):
-        return None
-    if e.args and isinstance(e.args[0], int):
-        return e.args[0]
-    return None
-
-
-def _message(exc: BaseException) -> str:
-    parts = []
-    for e in _chain(exc):
-        if isinstance(e, sa_exc.StatementError):
-            continue
-        try:
-            parts.append(str(e))
-        except Exception:  # a broken __str__ must not break classification
-            parts.append(type(e).__name__)
-    return " | ".join(parts).lower()
-
-
-_DRIVER_MODULES = ("psycopg", "psycopg2", "asyncpg", "sqlite3", "aiosqlite", *_MYSQL_MODULES)
-
-
-def _is_database_error(exc: BaseException) -> bool:
-    """True when a driver, SQLAlchemy's DBAPI wrapper or the OS raised (part of) ``exc``.
-
-    Message text is only read for these: an application's own ``ValueError("... does
-    not exist")`` or ``KeyError("timed out")`` must stay UNKNOWN and never be retried.
-    """
-    return any(
-        isinstance(e, (sa_exc.DBAPIError, OSError))
-        or type(e).__module__.startswith(_DRIVER_MODULES)
-        for e in _chain(exc)
-    )
+_CONNECTION_LOSS = frozenset(Kind(kind) for kind in _table.CONNECTION_LOSS)
 
 
 def _kind_from_pg(code: str, text: str) -> Kind | None:
@@ -508,16 +179,7 @@ def _kind_from_pg(code: str, text: str) -> Kind | None:
 
 def _kind_from_mysql(num: int, text: str, phase: str | None) -> Kind | None:
     if num == 2003:
-        if any(
-            f in text
-            for f in (
-                "name or service not known",
-                "errno -2]",
-                "errno -3]",
-                "getaddrinfo",
-                "nodename nor servname",
-            )
-        ):
+        if any(f in text for f in _table.MY_DNS_FRAGMENTS):
             return Kind.DNS
         if "timed out" in text:
             return Kind.CONNECT_TIMEOUT
@@ -528,7 +190,7 @@ def _kind_from_mysql(num: int, text: str, phase: str | None) -> Kind | None:
         return Kind.CONNECT_TIMEOUT if phase == "connect" else Kind.READ_TIMEOUT
     if num in _MY_CODES:
         return _MY_CODES[num]
-    if num in _MY_APPLICATION:
+    if num in _table.MY_APPLICATION:
         return Kind.APPLICATION
     return None
 
@@ -563,7 +225,7 @@ def _kind_from_type(exc: BaseException, phase: str | None) -> Kind | None:
         if type(e) is ConnectionError:
             # asyncpg raises a bare ConnectionError("... rejected SSL upgrade") for a
             # TLS mismatch: the message says more than the class
-            said = _kind_from_text(_message(e))
+            said = _kind_from_text(message(e))
             if said is not None:
                 return said
         if isinstance(e, (ConnectionError, sa_exc.DisconnectionError)):
@@ -574,33 +236,17 @@ def _kind_from_type(exc: BaseException, phase: str | None) -> Kind | None:
         if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
             return Kind.DISCONNECT
     for e in _chain(exc):
-        if isinstance(
-            e,
-            (
-                sa_exc.IntegrityError,
-                sa_exc.ProgrammingError,
-                sa_exc.DataError,
-                sa_exc.NotSupportedError,
-            ),
-        ):
+        if isinstance(e, _APPLICATION_ERRORS):
             return Kind.APPLICATION
     return None
 
 
-def _find_code(exc: BaseException) -> tuple[str | None, int | None]:
-    """The most specific SQLSTATE (skipping class 08 wrappers) and MySQL errno."""
-    states: list[str] = []
-    num: int | None = None
-    for e in _chain(exc):
-        s = _sqlstate(e)
-        if s is not None:
-            states.append(s)
-        if num is None:
-            num = _mysql_errno(e)
-    specific = [s for s in states if not s.startswith("08")]
-    if specific:
-        return specific[0], num
-    return (states[0] if states else None), num
+_APPLICATION_ERRORS = (
+    sa_exc.IntegrityError,
+    sa_exc.ProgrammingError,
+    sa_exc.DataError,
+    sa_exc.NotSupportedError,
+)
 
 
 def classify(
@@ -627,8 +273,8 @@ def classify(
             kind = Kind.UNKNOWN
         code = ctx.code
     else:
-        text = _message(exc)
-        sqlstate, num = _find_code(exc)
+        text = message(exc)
+        sqlstate, num = find_code(exc)
         kind = None
         code = sqlstate or (str(num) if num is not None else None)
         if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
@@ -639,10 +285,10 @@ def classify(
             kind = _kind_from_mysql(num, text, phase)
         # a Python-level error (socket, pool timeout) is told by its type before its
         # text; a driver error by its text first, its type only when the text says nothing
-        python_level = _is_python_level(exc)
+        python_level = is_python_level(exc)
         if kind is None and python_level:
             kind = _kind_from_type(exc, phase)
-        if kind is None and _is_database_error(exc):
+        if kind is None and is_database_error(exc):
             kind = _kind_from_text(text)
         if kind is None and not python_level:
             kind = _kind_from_type(exc, phase)
@@ -651,7 +297,7 @@ def classify(
     if phase == "commit" and kind in _CONNECTION_LOSS:
         kind = Kind.AMBIGUOUS_COMMIT
     assert kind is not None
-    kind, template = _template(kind, code, exc, target)
+    kind, template = _template(kind, code, exc, target, phase)
     retry, counts, _ = _RULES[kind]
     # the breaker judges whether the database can be reached: only a failed attempt to
     # reach it counts (a fresh connection; a probe). A lost session does not: the pool
@@ -661,7 +307,7 @@ def classify(
         retry = RetryLevel.CONNECT
     if kind is Kind.IDLE_TIMEOUT and code == "25P03":
         retry = RetryLevel.TRANSACTION  # idle *in a transaction*: that transaction is lost
-    if kind is Kind.DNS and ("temporary failure" in _message(exc) or "errno -3]" in _message(exc)):
+    if kind is Kind.DNS and dns_for_now(exc):
         retry, counts = RetryLevel.CONNECT, True
     if kind is Kind.LOCK_TIMEOUT and any(type(e).__module__ == "sqlite3" for e in _chain(exc)):
         counts = True  # SQLite's lock covers the whole database: it is unavailable
@@ -684,9 +330,15 @@ def classify(
 
 
 def _template(
-    kind: Kind, code: str | None, exc: BaseException, target: Target | None
+    kind: Kind, code: str | None, exc: BaseException, target: Target | None, phase: str | None
 ) -> tuple[Kind, str]:
     """The kind (a statement timeout in a lock wait is a lock wait) and its diagnosis."""
+    if kind is Kind.CONNECT_TIMEOUT and code == "2013":  # MySQL: TCP connected, no greeting
+        return kind, _VARIANTS["no_greeting"]
+    if kind is Kind.DISCONNECT and phase == "connect":  # no transaction was lost
+        return kind, _VARIANTS["handshake_closed"]
+    if kind is Kind.DNS and dns_for_now(exc):
+        return kind, _VARIANTS["dns_temporary"]
     on = ""
     if kind in (Kind.STATEMENT_TIMEOUT, Kind.LOCK_TIMEOUT) and code in ("57014", "55P03"):
         relation = pg_lock_wait(_chain(exc))
@@ -703,19 +355,26 @@ def _template(
     return kind, template
 
 
-def _is_python_level(exc: BaseException) -> bool:
-    """True when the chain holds a non-DBAPI error (bare socket errors, pool timeouts)."""
-    return any(
-        isinstance(e, (OSError, sa_exc.TimeoutError, asyncio.CancelledError, KeyboardInterrupt))
-        for e in _chain(exc)
-    )
+def explain(rule: Kind | str, target: Target | None, *, within: str = _WITHIN) -> tuple[str, str]:
+    """(what happened, what to do) of a kind or a connect variant, without the engine's part.
+
+    The startup checks (``validation/connect.py``) report a failed connect with it, so a
+    check and a runtime error say the same. Not part of the public API.
+    """
+    key = rule.value if isinstance(rule, Kind) else rule
+    if key in _table.CONNECT_VARIANTS:
+        what, fix, _then = _table.CONNECT_VARIANTS[key]
+    else:
+        _retry, _counts, what, fix, _then = _table.RULES[key]
+    return _format(what, target, within), _format(fix, target, within)
 
 
-def _format(template: str, target: Target | None) -> str:
+def _format(template: str, target: Target | None, within: str = _WITHIN) -> str:
     t = target or Target()
     return template.format(
         where=t.where,
         host=t.host or "?",
         user=t.user or "?",
         database=t.database or "?",
+        within=within,
     )

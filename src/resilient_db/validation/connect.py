@@ -15,7 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from ..classify import Classification, Kind, classify
+from ..classify import Classification, Kind, classify, explain
 from .context import _MARGIN, _as_float, _ConnectFailed, _Facts, _first_line, _Run, _secs
 from .report import Detail
 from .server import _probe, _server_codes
@@ -145,117 +145,41 @@ def _code_for(run: _Run, exc: BaseException, c: Classification) -> str:
     return code
 
 
+#: check code -> the diagnosis (a classify kind or connect variant) whose words it reports
+_CODE_RULES: dict[str, Kind | str] = {
+    "RDB201": Kind.DNS,
+    "RDB202": Kind.REFUSED,
+    "RDB203": "tcp_timeout",
+    "RDB204": Kind.TLS,
+    "RDB205": Kind.CONNECT_TIMEOUT,
+    "RDB206": "handshake_closed",
+    "RDB301": Kind.AUTHENTICATION,
+    "RDB302": Kind.UNKNOWN_USER,
+    "RDB303": Kind.UNKNOWN_DATABASE,
+    "RDB304": Kind.CONFIGURATION,
+    "RDB305": Kind.READ_ONLY,
+    "RDB401": Kind.TOO_MANY_CONNECTIONS,
+    "RDB406": Kind.SERVER_SHUTDOWN,
+}
+
+
 def _connect_message(run: _Run, code: str, words: str, step: float) -> tuple[str, str, str]:
-    """(message, fix, field) for a failed connection attempt."""
-    t = run.target
-    where, user, db = t.where, t.user or "?", t.database or "?"
+    """(message, fix, field) for a failed connection attempt: classify's diagnosis words."""
     said = f" The driver said: {words}"
-    if code == "RDB201":
+    fld = "pool.size" if code == "RDB401" else "url"
+    rule = _CODE_RULES.get(code)
+    if rule is None:
         return (
-            f"The host name '{t.host}' does not resolve.{said}",
-            "Check the host in the URL and this machine's DNS resolver.",
-            "url",
+            f"Connecting to {run.target.where} failed.{said}",
+            "Read the driver's message; see docs/checks.md (RDB399).",
+            fld,
         )
-    if code == "RDB202":
-        return (
-            f"Nothing accepts connections at {where}: connection refused.{said}",
-            "Check the host and port in the URL and that the server is running.",
-            "url",
-        )
-    if code == "RDB203":
-        return (
-            f"{where} did not answer the TCP connection within {_secs(round(step, 2))}: the "
-            f"host is down or unreachable, or a firewall drops the packets.{said}",
-            "Check the host and port, routing and firewall rules.",
-            "url",
-        )
-    if code == "RDB204":
-        return (
-            f"TLS mismatch with {where}: the client requires TLS and the server does not "
-            f"offer it, or the server requires TLS and the client does not use it.{said}",
-            "Make both sides agree: enable TLS on the server, or change sslmode (PostgreSQL) "
-            "or the ssl_* parameters (MariaDB) in the URL.",
-            "url",
-        )
-    if code == "RDB205" and run.tcp_ok is None and run.driver != "pymysql":
-        return (
-            f"{where} did not complete the connection within {_secs(round(step, 2))} (no TCP "
-            "answer or no database greeting): a firewall dropping packets, a proxy swallowing "
-            f"traffic, another service on that port, or a hung server.{said}",
-            "Check the host and port, the firewall rules, and that the port belongs to the "
-            "database and the server responds.",
-            "url",
-        )
-    if code == "RDB205":
-        return (
-            f"{where} accepted the TCP connection but sent no database greeting within "
-            f"{_secs(round(step, 2))}: a proxy or firewall swallowing traffic, another service "
-            f"on that port, or a hung server.{said}",
-            "Check that the port belongs to the database (not a proxy or another service) and "
-            "that the server responds; raise Policy.timeouts.connect only if the network is "
-            "really that slow.",
-            "url",
-        )
-    if code == "RDB206":
-        return (
-            f"{where} closed the connection during the handshake.{said}",
-            "Read the server log: a proxy, the server's connection limits or a crash may drop it.",
-            "url",
-        )
-    if code == "RDB301":
-        return (
-            f"{where} rejected the login of user '{user}': the password is wrong or the user "
-            f"does not exist.{said}",
-            "Check the user and password in the URL (special characters must be %-encoded) "
-            "and the server's authentication rules (pg_hba.conf, MariaDB GRANTs and host "
-            "part of the account).",
-            "url",
-        )
-    if code == "RDB302":
-        return (
-            f"The user '{user}' does not exist on {where}.{said}",
-            "Fix the user name in the URL, or create the user.",
-            "url",
-        )
-    if code == "RDB303":
-        return (
-            f"The database '{db}' does not exist on {where}, or user '{user}' may not access "
-            f"it.{said}",
-            "Fix the database name in the URL, or create it and grant the user access.",
-            "url",
-        )
-    if code == "RDB304":
-        return (
-            f"{where} rejected the connection settings.{said}",
-            "Remove or fix the option in the URL or connect_args (e.g. a parameter only a "
-            "superuser may set).",
-            "url",
-        )
-    if code == "RDB305":
-        return (
-            f"{where} is read-only.{said}",
-            "Point the URL at the primary, or set Policy.access='read-only'.",
-            "url",
-        )
-    if code == "RDB401":
-        return (
-            f"{where} refused the connection because its connection limit is reached now.{said}",
-            "Find who holds the connections (pg_stat_activity / SHOW PROCESSLIST), lower "
-            "pool size x instances, or raise max_connections.",
-            "pool.size",
-        )
-    if code == "RDB406":
-        return (
-            f"{where} is not accepting connections (starting up, shutting down or in "
-            f"recovery).{said}",
-            "Wait for the server to finish starting; read its log if this persists.",
-            "url",
-        )
-    return (
-        f"Connecting to {where} failed.{said}",
-        "Read the driver's message; see docs/checks.md (RDB399).",
-        "url",
-    )
+    if code == "RDB205" and (run.tcp_ok is not None or run.driver == "pymysql"):
+        rule = "no_greeting"  # the TCP connect succeeded (PyMySQL: else it were RDB203)
+    elif code == "RDB201" and "temporar" in words.lower():
+        rule = "dns_temporary"  # the resolver failed for now: an outage, not a typo
+    what, fix = explain(rule, run.target, within=_secs(round(step, 2)))
+    return what + said, fix, fld
 
 
 def _check_connect(run: _Run) -> None:
@@ -285,7 +209,7 @@ def _check_connect(run: _Run) -> None:
             run.ok("RDB202", f"{run.target.where} accepts TCP connections.")
         extra: dict[str, Detail] = {}
         if code == "RDB201" and "temporar" in _first_line(exc).lower():
-            extra["temporary"] = True  # the resolver failed for now: an outage, not a typo
+            extra["temporary"] = True  # as the message says (_connect_message)
         run.add(code, "error", message, fix, fld, kind=c.kind.value, driver_code=c.code, **extra)
         run.block(code, "connection")
         if code.startswith("RDB2") and run.backend != "sqlite":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from ..classify import Kind, explain
 from .context import _Run, _secs
 
 
@@ -24,20 +25,9 @@ def _check_dns(run: _Run) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         temporary = exc.errno == socket.EAI_AGAIN
-        run.add(
-            "RDB201",
-            "error",
-            (
-                f"The DNS lookup of '{host}' failed temporarily ({exc.strerror}): the "
-                "resolver is unreachable or overloaded."
-                if temporary
-                else f"The host name '{host}' does not resolve ({exc.strerror})."
-            ),
-            "Check the host in the URL (a typo, a missing DNS record, or a name that only "
-            "resolves inside another network or VPN) and this machine's resolver.",
-            "url",
-            temporary=temporary,
-        )
+        what, fix = explain("dns_temporary" if temporary else Kind.DNS, run.target)
+        said = f" The resolver said: {exc.strerror}."
+        run.add("RDB201", "error", what + said, fix, "url", temporary=temporary)
         run.block("RDB201", "network", "connection")
         return
     run.addrs = list(infos)
@@ -71,10 +61,10 @@ def _check_tcp(run: _Run) -> None:
             refused += 1
         except TimeoutError:
             unreachable += 1
-            reason = f"no answer within {_secs(round(step, 2))}"
+            reason = f"No answer within {_secs(round(step, 2))}."
         except OSError as exc:  # no route, network down...
             unreachable += 1
-            reason = exc.strerror or str(exc)
+            reason = f"The system said: {exc.strerror or exc}."
         else:
             run.tcp_ok = True
             run.ok(
@@ -85,26 +75,11 @@ def _check_tcp(run: _Run) -> None:
         finally:
             s.close()
     run.tcp_ok = False
-    where = run.target.where
     if unreachable or not refused:
-        run.add(
-            "RDB203",
-            "error",
-            f"{where} did not answer the TCP connection ({reason}): the "
-            "host is down or unreachable, or a firewall drops the packets (blackholed).",
-            "Check the host and port in the URL, routing, and firewall or security-group "
-            "rules between this machine and the database.",
-            "url",
-        )
+        what, fix = explain("tcp_timeout", run.target)
+        run.add("RDB203", "error", f"{what} {reason}".rstrip(), fix, "url")
         run.block("RDB203", "network", "connection")
     else:
-        run.add(
-            "RDB202",
-            "error",
-            f"Nothing accepts connections at {where}: connection refused. The server is "
-            "down or restarting, the port is wrong, or it listens on another address.",
-            "Check the host and port in the URL, and that the server runs and listens on "
-            "that address (PostgreSQL listen_addresses, MariaDB bind-address).",
-            "url",
-        )
+        what, fix = explain(Kind.REFUSED, run.target)
+        run.add("RDB202", "error", f"{what} The connection was refused.", fix, "url")
         run.block("RDB202", "network", "connection")
