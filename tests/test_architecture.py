@@ -15,15 +15,9 @@ PKG = SRC / "resilient_db"
 OVERSIZE = {
     "classify.py": 745,  # mostly the rule table
     "telemetry/__init__.py": 610,
-    "failover.py": 600,
-    "fleet.py": 550,
-    "testing/proxy.py": 845,
-    "testing/inject.py": 505,
-    "validation/server.py": 490,
 }
 #: Functions over 80 lines, likewise a ratchet.
 LONG_FUNCTIONS = {
-    "testing/drill.py:drill": 165,
     "validation/connect.py:_connect_message": 115,
 }
 
