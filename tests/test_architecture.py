@@ -14,16 +14,9 @@ PKG = SRC / "resilient_db"
 #: only shrink. Split one and take it off the list.
 OVERSIZE = {
     "telemetry/__init__.py": 610,
-    "failover.py": 600,
-    "fleet.py": 550,
-    "testing/proxy.py": 845,
-    "testing/inject.py": 505,
-    "validation/server.py": 490,
 }
 #: Functions over 80 lines, likewise a ratchet.
-LONG_FUNCTIONS = {
-    "testing/drill.py:drill": 165,
-}
+LONG_FUNCTIONS: dict[str, int] = {}
 
 
 def _module_name(path: Path) -> str:

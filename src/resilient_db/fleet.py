@@ -44,17 +44,16 @@ Keys (all in one Redis Cluster slot thanks to the ``{name}`` hash tag)::
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import socket
 import threading
-import time
 import uuid
 import weakref
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from ._fleet_availability import StoreAvailability
+from ._fleet_redis import client_from_url, client_secrets, register_scripts
 from ._fork import track_store
 from ._state import breaker_of, resilience_of
 from .breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
@@ -62,73 +61,10 @@ from .errors import ConfigurationError
 
 __all__ = ["RedisBreakerStore", "share_breaker"]
 
-log = logging.getLogger("resilient_db.fleet")
-
 #: How long the ``tripped`` marker outlives the last failure it recorded (ms).
 TRIPPED_TTL_MS = 24 * 3600 * 1000
 #: Longest pause between reconnection attempts while Redis is down (s).
 MAX_BACKOFF = 5.0
-
-# KEYS: open, tripped. Returns {PTTL open (ms, <0: absent), tripped's reason or ''}.
-_READ = """
-local why = redis.call('GET', KEYS[2])
-if not why then why = '' end
-return {redis.call('PTTL', KEYS[1]), why}
-"""
-
-# KEYS: open, tripped, ok. ARGV: holder, open ms, tripped ms, reason.
-# A later deadline already set by another replica is kept.
-_OPEN = """
-local ms = tonumber(ARGV[2])
-if ms > 0 and redis.call('PTTL', KEYS[1]) < ms then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
-end
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# KEYS: every key of the breaker.
-_CLOSE = """
-return redis.call('DEL', unpack(KEYS))
-"""
-
-# KEYS: open, tripped, lease 1..n. ARGV: holder, lease ms.
-# Returns {slot, 0} granted; {0, ms} all slots taken (soonest expiry);
-# {-1, ms} open; {-2, 0} closed.
-_ACQUIRE = """
-local open = redis.call('PTTL', KEYS[1])
-if open > 0 then return {-1, open} end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-2, 0} end
-for i = 3, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then return {i - 2, 0} end
-end
-local wait = -1
-for i = 3, #KEYS do
-  local t = redis.call('PTTL', KEYS[i])
-  if t > 0 and (wait < 0 or t < wait) then wait = t end
-end
-return {0, wait}
-"""
-
-# KEYS: lease. ARGV: holder, lease ms (0: release).
-_LEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return redis.call('DEL', KEYS[1])
-"""
-
-# KEYS: lease, open, tripped, ok, then every key of the breaker.
-# ARGV: holder, success threshold, tripped ms. Returns 1 when this closed the fleet.
-_PROBE_OK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-local n = redis.call('INCR', KEYS[4])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
-if n < tonumber(ARGV[2]) then return 0 end
-redis.call('DEL', unpack(KEYS, 2))
-return 1
-"""
 
 
 def _check_positive(name: str, value: object) -> float:
@@ -139,7 +75,7 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
-class RedisBreakerStore:
+class RedisBreakerStore(StoreAvailability):
     """Shares one :class:`~resilient_db.CircuitBreaker`'s state with every replica
     using the same ``name`` on the same Redis (see the module docs).
 
@@ -182,29 +118,17 @@ class RedisBreakerStore:
         #: Identifies this process in lease values (host:pid:random).
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.own_replica = replica is None  # a forked child then gets its own (_fork.py)
-        self._secrets: tuple[str, ...] = ()
         self._owns_client = isinstance(redis, str)
-        self.client = self._connect(redis) if isinstance(redis, str) else redis
-        if not isinstance(redis, str):
-            pw = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {})
-            if isinstance(pw, dict) and pw.get("password"):
-                self._secrets = (str(pw["password"]),)
+        if isinstance(redis, str):
+            self.client, self._secrets = client_from_url(redis, self.socket_timeout)
+        else:
+            self.client, self._secrets = redis, client_secrets(redis)
         self._base = base = f"{prefix}{{{name}}}"
         self.key_open = f"{base}:open"
         self.key_tripped = f"{base}:tripped"
         self.key_ok = f"{base}:ok"
         self.key_leases: tuple[str, ...] = ()
-        self._scripts: dict[str, Any] = {
-            n: self.client.register_script(src)
-            for n, src in (
-                ("read", _READ),
-                ("open", _OPEN),
-                ("close", _CLOSE),
-                ("acquire", _ACQUIRE),
-                ("lease", _LEASE),
-                ("probe_ok", _PROBE_OK),
-            )
-        }
+        self._scripts: dict[str, Any] = register_scripts(self.client)
         self._breaker: weakref.ReferenceType[CircuitBreaker] | None = None
         self._mu = threading.Lock()  # guards the fields below; never held during I/O
         self._pending: str | None = None  # the local decision not yet published
@@ -228,36 +152,6 @@ class RedisBreakerStore:
         self.synced_at: float | None = None
         #: The fleet's state at the last sync: closed, open or half-open.
         self.shared_state: str | None = None
-
-    def _connect(self, url: str) -> Any:
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError:  # pragma: no cover - the extra is not installed
-            raise ConfigurationError(
-                "redis", "needs the redis package.", "pip install 'resilient-db[redis]'"
-            ) from None
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            self._secrets = (password, unquote(password))
-        try:
-            return redis.Redis.from_url(
-                url,
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
-            )
-        except ValueError:
-            raise ConfigurationError(
-                "redis",
-                "is not a valid Redis URL.",
-                "Use redis://[:password@]host:port/db or rediss://...",
-            ) from None
 
     # -- wiring ----------------------------------------------------------------------
 
@@ -463,60 +357,6 @@ class RedisBreakerStore:
             else:
                 pause = min(MAX_BACKOFF, self.staleness * 2 ** min(self._failures, 10))
                 self._stop.wait(pause * random.uniform(0.5, 1.0))
-
-    # -- availability ----------------------------------------------------------------
-
-    def _scrub(self, e: BaseException) -> str:
-        text = f"{type(e).__name__}: {e}"
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text[:300]
-
-    def _unavailable(self, e: BaseException) -> None:
-        reason = self._scrub(e)
-        with self._mu:
-            self._held = []  # leases can no longer be renewed: they expire on their own
-            self._busy_until = 0.0
-            self._failures += 1
-            self.error = reason
-            first = self.available
-            if first:
-                self.available = False
-                self.unavailable_since = time.time()
-        if first:
-            log.warning(
-                "Shared breaker state '%s' unavailable (%s): this replica runs on its "
-                "local circuit breaker until Redis answers again.",
-                self.name,
-                reason,
-            )
-
-    def _available(self) -> None:
-        with self._mu:
-            self.synced_at = time.time()
-            self._failures = 0
-            back = not self.available
-            if back:
-                self.available = True
-                self.error = None
-                self.unavailable_since = None
-        if back:
-            log.info("Shared breaker state '%s' available again.", self.name)
-
-    def status(self) -> dict[str, Any]:
-        """What health reports: kind, name, ok, error, since, fleet state, sync age."""
-        synced = self.synced_at
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "ok": self.available,
-            "error": self.error,
-            "unavailable_since": self.unavailable_since,
-            "shared_state": self.shared_state,
-            "synced_age": round(time.time() - synced, 3) if synced is not None else None,
-            "replica": self.replica,
-        }
 
 
 def share_breaker(

@@ -19,13 +19,12 @@ not, 2 for a bad URL or option.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import sqlalchemy as sa
@@ -34,7 +33,10 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from ..config import BreakerPolicy, Policy, RetryPolicy, Timeouts
 from ..errors import CircuitOpenError, ConfigurationError, PoolExhaustedError, error_context
-from ._timeline import Panel, Sample, percentile, plot, series
+from ._drill_report import Phase, build_report
+from ._drill_report import format_table as format_table
+from ._drill_report import write_plot as write_plot
+from ._timeline import Sample
 from .dbproxy import DatabaseProxy
 
 __all__ = ["DEFAULT_SCENARIO", "DRILL_POLICY", "FAULTS", "drill", "format_table", "write_plot"]
@@ -58,20 +60,6 @@ DRILL_POLICY = Policy(
 )
 
 _THINK = 0.02  # seconds between two requests of one worker
-_BUCKET = 0.5
-
-
-@dataclass
-class Phase:
-    """One window of the drill and what happened in it."""
-
-    name: str
-    fault: str | None
-    start: float
-    end: float = 0.0
-    detect: float | None = None
-    recover: float | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class _BreakerLog:
@@ -138,25 +126,6 @@ class _Workload:
             self.stop.wait(_THINK)
 
 
-def _counts(samples: Sequence[Sample]) -> dict[str, Any]:
-    lat = [s.latency for s in samples]
-    errors: dict[str, int] = {}
-    for s in samples:
-        if s.outcome == "failed":
-            errors[s.kind or "unknown"] = errors.get(s.kind or "unknown", 0) + 1
-    p50, p99 = percentile(lat, 50), percentile(lat, 99)
-    return {
-        "requests": len(samples),
-        "ok": sum(s.outcome == "ok" for s in samples),
-        "failed": sum(s.outcome == "failed" for s in samples),
-        "rejected": sum(s.outcome == "rejected" for s in samples),
-        "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-        "p99_ms": None if p99 is None else round(p99 * 1000, 1),
-        "max_ms": round(max(lat) * 1000, 1) if lat else None,
-        "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
-    }
-
-
 def _apply(proxy: DatabaseProxy, fault: str, latency: float) -> None:
     if fault == "refuse":  # no byte forwarded between the steps: nothing completes mid-way
         proxy.blackhole()
@@ -213,15 +182,80 @@ def _wait(
         time.sleep(min(0.05, max(0.0, end - now)))
 
 
-def _target(url: URL) -> dict[str, Any]:
-    return {
-        "dialect": url.get_backend_name(),
-        "driver": url.get_driver_name(),
-        "host": url.host,
-        "port": url.port,
-        "database": url.database,
-        "user": url.username,
-    }
+@dataclass
+class _Scenario:
+    """The drill's phases, one after the other, against the running workload."""
+
+    proxy: DatabaseProxy
+    work: _Workload
+    log: _BreakerLog
+    say: _Progress
+    phase_seconds: float
+    latency: float
+
+    def ticker(self, name: str, since: float) -> Callable[[], None]:
+        return lambda: self.say.tick(name, self.work.samples, since, self.log.state)
+
+    def baseline(self, threads: int) -> Phase:
+        """Start the workload and let it run one phase undisturbed."""
+        t0 = time.monotonic()
+        self.work.start()
+        base = Phase("baseline", None, t0)
+        self.say.say(f"baseline: {threads} workers, read+write transactions")
+        _wait(self.phase_seconds, self.ticker("baseline", t0))
+        base.end = time.monotonic()
+        return base
+
+    def recovered(self, since: float) -> float | None:
+        """When requests began to succeed with the breaker closed after ``since``, if yet."""
+        if self.log.state != "closed":
+            return None
+        samples = list(self.work.samples)
+        ok = [s.end for s in samples if s.start >= since and s.outcome == "ok"]
+        if not ok:
+            return None
+        closed = self.log.first("closed", since) or since
+        return max(min(ok), closed)
+
+    def fault(self, fault: str, previous: Phase) -> list[Phase]:
+        """Apply ``fault`` for one phase, lift it, wait for recovery: the two phases."""
+        # The fault bites during _apply (reset_all breaks calls at once), so it
+        # begins before it, and the previous phase ends at that very instant:
+        # every request, counted by completion, falls in exactly one phase.
+        start = time.monotonic()
+        previous.end = start
+        _apply(self.proxy, fault, self.latency)
+        self.say.say(f"fault {fault}: {FAULTS[fault]}")
+        ph = Phase(fault, fault, start)
+        _wait(self.phase_seconds, self.ticker(fault, start))
+        self.proxy.passthrough()
+        ph.end = time.monotonic()
+        self.say.say(f"fault {fault} lifted")
+        rec = Phase(f"after {fault}", None, ph.end)
+        _wait(
+            max(2.0 * self.phase_seconds, 5.0),
+            self.ticker(f"after {fault}", ph.end),
+            until=lambda: self.recovered(ph.end) is not None,
+        )
+        when = self.recovered(ph.end)
+        ph.recover = None if when is None else when - ph.end
+        settle = min(1.0, self.phase_seconds / 2)
+        _wait(settle, self.ticker(f"after {fault}", ph.end))
+        rec.end = time.monotonic()
+        # calls caught by the fault may fail only after it is lifted (a deadline)
+        opened = self.log.first("open", start)
+        ph.detect = None if opened is None or opened > rec.end else opened - start
+        detected = (
+            f"breaker opened {ph.detect:.2f}s after the fault began"
+            if ph.detect is not None
+            else "breaker stayed closed"
+        )
+        self.say.say(
+            f"{detected}; recovered {ph.recover:.2f}s after it was lifted"
+            if ph.recover is not None
+            else f"{detected}; NOT recovered"
+        )
+        return [ph, rec]
 
 
 def drill(
@@ -270,67 +304,10 @@ def drill(
             created = True
             with admin.begin() as conn:
                 conn.execute(table.insert(), [{"id": i, "n": 0} for i in range(threads)])
-            t0 = time.monotonic()
-            work.start()
-
-            def ticker(name: str, since: float) -> Callable[[], None]:
-                return lambda: say.tick(name, work.samples, since, log.state)
-
-            base = Phase("baseline", None, t0)
-            say.say(f"baseline: {threads} workers, read+write transactions")
-            _wait(phase_seconds, ticker("baseline", t0))
-            base.end = time.monotonic()
-            phases.append(base)
+            run = _Scenario(proxy, work, log, say, phase_seconds, latency)
+            phases.append(run.baseline(threads))
             for fault in scenario:
-                # The fault bites during _apply (reset_all breaks calls at once), so it
-                # begins before it, and the previous phase ends at that very instant:
-                # every request, counted by completion, falls in exactly one phase.
-                start = time.monotonic()
-                phases[-1].end = start
-                _apply(proxy, fault, latency)
-                say.say(f"fault {fault}: {FAULTS[fault]}")
-                ph = Phase(fault, fault, start)
-                _wait(phase_seconds, ticker(fault, start))
-                proxy.passthrough()
-                ph.end = time.monotonic()
-                phases.append(ph)
-                say.say(f"fault {fault} lifted")
-                rec = Phase(f"after {fault}", None, ph.end)
-
-                def recovered(since: float = ph.end) -> float | None:
-                    if log.state != "closed":
-                        return None
-                    samples = list(work.samples)
-                    ok = [s.end for s in samples if s.start >= since and s.outcome == "ok"]
-                    if not ok:
-                        return None
-                    closed = log.first("closed", since) or since
-                    return max(min(ok), closed)
-
-                _wait(
-                    max(2.0 * phase_seconds, 5.0),
-                    ticker(f"after {fault}", ph.end),
-                    until=lambda: recovered() is not None,
-                )
-                when = recovered()
-                ph.recover = None if when is None else when - ph.end
-                settle = min(1.0, phase_seconds / 2)
-                _wait(settle, ticker(f"after {fault}", ph.end))
-                rec.end = time.monotonic()
-                phases.append(rec)
-                # calls caught by the fault may fail only after it is lifted (a deadline)
-                opened = log.first("open", start)
-                ph.detect = None if opened is None or opened > rec.end else opened - start
-                detected = (
-                    f"breaker opened {ph.detect:.2f}s after the fault began"
-                    if ph.detect is not None
-                    else "breaker stayed closed"
-                )
-                say.say(
-                    f"{detected}; recovered {ph.recover:.2f}s after it was lifted"
-                    if ph.recover is not None
-                    else f"{detected}; NOT recovered"
-                )
+                phases += run.fault(fault, phases[-1])
         finally:
             work.join(timeout=(policy.timeouts.call or 5.0) + 2.0)
             proxy.passthrough()
@@ -341,49 +318,19 @@ def drill(
             proxy_errors = [repr(e) for e in proxy.errors]
     t_end = time.monotonic()
     samples = list(work.samples)
-    origin = phases[0].start if phases else t_begin
-    for ph in phases:
-        # by completion: a request cut off by a fault counts in the fault's phase
-        ph.stats = _counts([s for s in samples if ph.start <= s.end < ph.end])
-    opens: list[tuple[float, float]] = []
-    opened_at: float | None = None
-    for t, state in log.events:
-        if state == "open" and opened_at is None:
-            opened_at = t
-        elif state == "closed" and opened_at is not None:
-            opens.append((opened_at - origin, t - origin))
-            opened_at = None
-    if opened_at is not None:
-        opens.append((opened_at - origin, t_end - origin))
-    faults = [p for p in phases if p.fault is not None]
-    return {
-        "version": 1,
-        "target": _target(target),
-        "scratch_table": table_name,
-        "threads": threads,
-        "phase_seconds": phase_seconds,
-        "latency_s": latency,
-        "policy": dataclasses.asdict(policy),
-        "duration_s": round(t_end - t_begin, 2),
-        "recovered": all(p.recover is not None for p in faults),
-        "proxy_errors": proxy_errors,
-        "phases": [
-            {
-                "name": p.name,
-                "fault": p.fault,
-                "start_s": round(p.start - origin, 3),
-                "end_s": round(p.end - origin, 3),
-                **p.stats,
-                "detect_s": None if p.detect is None else round(p.detect, 3),
-                "recover_s": None if p.recover is None else round(p.recover, 3),
-            }
-            for p in phases
-        ],
-        "breaker": [{"t_s": round(t - origin, 3), "state": s} for t, s in log.events],
-        "breaker_open": [[round(a, 3), round(b, 3)] for a, b in opens],
-        "series_interval_s": _BUCKET,
-        "series": series(samples, t0=origin, t1=t_end, width=_BUCKET),
-    }
+    return build_report(
+        target,
+        scratch_table=table_name,
+        threads=threads,
+        phase_seconds=phase_seconds,
+        latency=latency,
+        policy=policy,
+        span=(t_begin, t_end),
+        phases=phases,
+        samples=samples,
+        events=log.events,
+        proxy_errors=proxy_errors,
+    )
 
 
 def _drop(table: sa.Table, admin: Engine, say: _Progress) -> None:
@@ -394,57 +341,3 @@ def _drop(table: sa.Table, admin: Engine, say: _Progress) -> None:
         ctx = error_context(e)
         why = ctx.diagnosis if ctx is not None else type(e).__name__
         sys.stderr.write(f"resilient-db drill: could not drop scratch table {table.name}: {why}\n")
-
-
-def _fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as a text table, one row per phase."""
-    t = report["target"]
-    lines = [
-        f"resilient-db drill: {t['dialect']}+{t['driver']} at {t['host']}:{t['port']}"
-        f"/{t['database']}, {report['threads']} workers, {report['phase_seconds']:g}s per fault, "
-        f"{report['duration_s']:.1f}s in all",
-        "",
-    ]
-    head = (
-        f"{'phase':<18}{'secs':>6}{'ok':>7}{'failed':>8}{'rejected':>10}{'p50 ms':>9}"
-        f"{'p99 ms':>9}{'max ms':>9}{'detect':>9}{'recover':>9}  errors"
-    )
-    lines += [head, "-" * len(head)]
-    for p in report["phases"]:
-        errors = ", ".join(f"{k} {v}" for k, v in p["errors"].items())
-        recover = p["recover_s"]
-        rec = "never" if p["fault"] and recover is None else _fmt(recover, "s")
-        lines.append(
-            f"{p['name']:<18}{p['end_s'] - p['start_s']:>6.1f}{p['ok']:>7}{p['failed']:>8}"
-            f"{p['rejected']:>10}{_fmt(p['p50_ms'], digits=1):>9}{_fmt(p['p99_ms'], digits=1):>9}"
-            f"{_fmt(p['max_ms'], digits=1):>9}"
-            f"{_fmt(p['detect_s'], 's'):>9}{rec:>9}  {errors}"
-        )
-    lines += [
-        "",
-        "detect: fault start -> breaker open. recover: fault lifted -> requests succeed with "
-        "the breaker closed.",
-        "rejected: failed fast by the open breaker or the bulkhead, without touching the network.",
-        "All requests (ok or not) count in the latency percentiles.",
-    ]
-    if not report["recovered"]:
-        lines.append("DRILL FAILED: the workload did not recover from every fault.")
-    return "\n".join(lines)
-
-
-def write_plot(report: dict[str, Any], path: str) -> None:
-    """Throughput and latency over time with the fault windows shaded (needs matplotlib)."""
-    faults = [(p["start_s"], p["end_s"], p["fault"]) for p in report["phases"] if p["fault"]]
-    t = report["target"]
-    panel = Panel(
-        title=f"drill: {t['dialect']} at {t['host']}:{t['port']}, {report['threads']} workers",
-        series=report["series"],
-        width=report["series_interval_s"],
-        faults=faults,
-        breaker_open=[(a, b) for a, b in report["breaker_open"]],
-    )
-    plot(path, [panel], title="resilient-db drill")
