@@ -213,6 +213,7 @@ def test_connect_timeouts_into_a_slow_server_do_not_open_the_breaker(pg_url: str
         monitor = resilience_of(engine).monitor
         monitor.wait(monitor.verdict_within() + 1.0)
         verdict = (breaker_of(engine).state, monitor.failed)
+        later, _ = _raised(engine.connect)  # after the verdict: the diagnosis says slow
         proxy.passthrough()
         for o in outcomes:
             if isinstance(o, sa.Connection):
@@ -223,6 +224,9 @@ def test_connect_timeouts_into_a_slow_server_do_not_open_the_breaker(pg_url: str
     assert kinds.count("connect_timeout") >= threshold, kinds
     assert monitor.probes >= 1
     assert ("closed", 0) == verdict
+    ctx = resilient_db.error_context(later)
+    assert ctx is not None and "connect_timeout" == ctx.kind
+    assert "reachable but too slow to complete a connection" in ctx.diagnosis
 
 
 def test_nobody_waits_while_a_probe_is_out(pg_url: str) -> None:

@@ -11,6 +11,7 @@ at connect, while the breaker stays closed. The final failure carries its
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -152,6 +153,10 @@ def _connect_retrying(
         tried = getattr(error, "resilient_db_target", None)
         t = tried if isinstance(tried, Target) else r.target
         c = classify(error, phase="connect", target=t)
+        if c.kind is Kind.CONNECT_TIMEOUT and r.monitor is not None:
+            note = r.monitor.reachable_note(time.monotonic())
+            if note is not None:  # a probe found the server answering: slow, not gone
+                c = dataclasses.replace(c, diagnosis=f"{c.diagnosis} {note}")
         history.append(f"{c.kind.value}:{c.code}" if c.code else c.kind.value)
         b = r.breaker
         if b is not None and c.counts_for_breaker:

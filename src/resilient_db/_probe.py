@@ -64,6 +64,9 @@ class Monitor:
         self.failed = 0
         #: the connect arguments of the last successful connect (for MySQL's handshake)
         self.connect_kwargs: dict[str, Any] = {}
+        #: when the last probe that got an answer finished, and how long the answer took
+        self.answered_at = -1.0
+        self.answered_in = 0.0
 
     def suspect(self, now: float) -> None:
         """A call has been silent for ``probe_after`` seconds (the watchdog's thread)."""
@@ -82,6 +85,24 @@ class Monitor:
         r = self._r()
         return r is not None and probeable(r.target)
 
+    def reachable_note(self, now: float, recent: float = 10.0) -> str | None:
+        """What the last probe said, for a connect timeout's diagnosis; None if none recently.
+
+        A connect that timed out while probes find the server answering met a
+        slow server, not a gone one: the diagnosis says so.
+        """
+        ago = now - self.answered_at
+        if self.answered_at < 0 or ago > recent or self.unreachable is not None:
+            return None
+        if not self.can_probe:  # nothing was asked: no verdict to report
+            return None
+        return (
+            f"A probe {ago:.1f}s earlier got the server's answer in {self.answered_in:.2f}s: "
+            "it is reachable but too slow to complete a connection in time (a brownout, an "
+            "overloaded server or a slow network), so this timeout does not count for the "
+            "breaker."
+        )
+
     def verdict_within(self) -> float:
         """The longest a probe takes from start to verdict (its budget and the confirmation)."""
         return self.budget + min(_CONFIRM, self.budget)
@@ -96,7 +117,9 @@ class Monitor:
             if r is None:
                 return
             self.probes += 1
+            t0 = time.monotonic()
             reason = answers(r.target, self.budget, self.connect_kwargs)
+            took = time.monotonic() - t0
             if reason is not None and not reason.startswith(_UNREACHED):
                 # connected, then silence or a reset: confirm on another fresh connection,
                 # briefly, so a probe that met a blip that has healed (a stall, a proxy or
@@ -104,6 +127,7 @@ class Monitor:
                 reason = answers(r.target, min(_CONFIRM, self.budget), self.connect_kwargs)
             if reason is None:
                 self.unreachable = None
+                self.answered_in, self.answered_at = took, time.monotonic()
             else:
                 self._unreachable(r, reason)
         except Exception:  # pragma: no cover - a probe must never kill its thread loudly
