@@ -77,6 +77,10 @@ def _label(r: dict[str, Any]) -> str:
         return "resilient_db (default policy)"
     if r["setup"] == "tuned":
         return "tuned: resilient_db, tuned policy"
+    if r["setup"] == "small-bulkhead":
+        return "small-bulkhead: default, pool 2+0, 0 waiters"
+    if r["setup"] == "adaptive":
+        return "adaptive: default, PoolPolicy(adaptive=True)"
     return str(r["setup"])
 
 

@@ -12,7 +12,7 @@ scenarios (``--scenarios``):
 - ``refusing``: the server is down: ``refuse()`` (new connects get
   ECONNREFUSED) and ``reset_all()`` (the open connections are reset).
 
-Four set-ups run in each, each with a fresh proxy, engine and worker pool:
+Four set-ups run in each by default, each with a fresh proxy, engine and worker pool:
 
 - ``raw``: ``sqlalchemy.create_engine(url)`` with its defaults;
 - ``timeouts+pybreaker``: what most teams write - connect and pool timeouts,
@@ -20,6 +20,13 @@ Four set-ups run in each, each with a fresh proxy, engine and worker pool:
 - ``resilient_db``: ``resilient_db.create_engine(url, validate="off")``, the
   **default policy** (``validate="off"`` keeps the startup check out of the run);
 - ``tuned``: ``resilient_db.create_engine(url, policy=tuned_policy(db))``.
+
+Two more run when named in ``--setups``, to compare ways of shedding load:
+
+- ``small-bulkhead``: the default policy with ``PoolPolicy(size=2,
+  max_overflow=0, max_waiters=0)``, a fixed small bulkhead;
+- ``adaptive``: the default policy with ``PoolPolicy(adaptive=True)``, the
+  adaptive concurrency limit.
 
 Reported per scenario and set-up: non-DB throughput and p99 latency (from the
 scheduled arrival, so queueing counts) before / during / after the outage, DB
@@ -139,6 +146,7 @@ class Setup:
     rejections: list[float] = field(default_factory=list)  # seconds per rejected call
     reset_timeout: float | None = None
     resilient: bool = False
+    warm: int = 4  # connections opened before the run (at most the pool's capacity)
 
 
 def _select(engine: sa.Engine) -> None:
@@ -184,10 +192,15 @@ def teams_setup(url: str, db: str) -> Setup:
     return setup
 
 
-def _resilient(name: str, engine: sa.Engine) -> Setup:
+def _resilient(name: str, engine: sa.Engine, warm: int = 4) -> Setup:
     breaker = resilient_db.breaker_of(engine)
     setup = Setup(
-        name, engine, lambda: None, reset_timeout=breaker.policy.reset_timeout, resilient=True
+        name,
+        engine,
+        lambda: None,
+        reset_timeout=breaker.policy.reset_timeout,
+        resilient=True,
+        warm=warm,
     )
 
     class Transitions:
@@ -223,12 +236,30 @@ def tuned_setup(url: str, db: str) -> Setup:
     return _resilient("tuned", engine)
 
 
+def small_bulkhead_setup(url: str, db: str) -> Setup:
+    """The default policy with a fixed small bulkhead: 2 connections, nobody waits."""
+    pool = PoolPolicy(size=2, max_overflow=0, max_waiters=0)
+    engine = resilient_db.create_engine(url, policy=Policy(pool=pool, validate="off"))
+    return _resilient("small-bulkhead", engine, warm=2)
+
+
+def adaptive_setup(url: str, db: str) -> Setup:
+    """The default policy with the adaptive concurrency limit on."""
+    pool = PoolPolicy(adaptive=True)
+    engine = resilient_db.create_engine(url, policy=Policy(pool=pool, validate="off"))
+    return _resilient("adaptive", engine)
+
+
 SETUPS: dict[str, Callable[[str, str], Setup]] = {
     "raw": raw_setup,
     "timeouts+pybreaker": teams_setup,
     "resilient_db": default_setup,
     "tuned": tuned_setup,
+    "small-bulkhead": small_bulkhead_setup,
+    "adaptive": adaptive_setup,
 }
+#: run when --setups is not given (the last two: the adaptive limit against a small bulkhead)
+DEFAULT_SETUPS = ("raw", "timeouts+pybreaker", "resilient_db", "tuned")
 
 
 def _cpu_work() -> int:
@@ -252,7 +283,7 @@ def run(setup_name: str, db: str, url: str, phases: Phases, scenario: str) -> di
     proxy = FaultProxy(u.host or "127.0.0.1", u.port or (5432 if db == "pg" else 3306)).start()
     proxied = u.set(host=proxy.host, port=proxy.port).render_as_string(hide_password=False)
     setup = SETUPS[setup_name](proxied, db)
-    warm = [setup.engine.connect() for _ in range(4)]  # a pool warmed by earlier load
+    warm = [setup.engine.connect() for _ in range(setup.warm)]  # warmed by earlier load
     for conn in warm:
         conn.execute(SELECT_1)
     for conn in warm:
@@ -471,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # smoke (CI): the default policy in every scenario on PostgreSQL, about a minute
     db_arg = args.db or ("pg" if args.smoke else "all")
-    setups = (args.setups or ("resilient_db" if args.smoke else ",".join(SETUPS))).split(",")
+    default_setups = "resilient_db" if args.smoke else ",".join(DEFAULT_SETUPS)
+    setups = (args.setups or default_setups).split(",")
     scenarios = (args.scenarios or ",".join(SCENARIOS)).split(",")
     for name in setups:
         if name not in SETUPS:

@@ -2,7 +2,8 @@
 
 The engine's pool object becomes an instance of a subclass of its own class
 (``Resilient<QueuePool>``, see :func:`resilient_db._compat.reclass_pool`)
-whose checkout consults the breaker, bounds the callers waiting for a
+whose checkout enforces a lowered adaptive concurrency limit (:mod:`._limit`),
+consults the breaker, bounds the callers waiting for a
 connection (``PoolPolicy.max_waiters``), pings a connection that sat idle,
 and whose check-in reports the outcome of a half-open probe to the breaker.
 """
@@ -23,7 +24,7 @@ from .breaker import CLOSED, OPEN, Rejected
 from .classify import Kind, classify
 from .errors import CircuitOpenError, ErrorContext, PoolExhaustedError
 
-__all__ = ["circuit_open", "install_pool", "pool_exhausted"]
+__all__ = ["circuit_open", "install_pool", "limit_exceeded", "pool_exhausted"]
 
 _STATE = _compat.STATE_ATTR  # a record's ConnState, read inline on the checkout hot path
 
@@ -186,9 +187,38 @@ def _idle_too_long(r: Resilience, rec: Any) -> bool:
     return since is not None and r.clock() - since > idle
 
 
+def limit_exceeded(r: Resilience, pool: Pool, in_use: int) -> PoolExhaustedError:
+    """The error for a checkout refused by the lowered adaptive concurrency limit."""
+    r.pool_timeouts += 1
+    lim = r.limit
+    assert lim is not None
+    limit, latency, baseline = lim.limit, lim.latency, lim.baseline
+    c = classify(sa_exc.TimeoutError("adaptive concurrency limit"), target=r.target)
+    diagnosis = (
+        f"adaptive concurrency limit: {in_use} connections in use, limit {limit} of "
+        f"{lim.maximum} \u2014 {r.target.where} is slow (the shortest recent call took "
+        f"{latency:.3f}s against a baseline of {baseline:.3f}s), so load is shed at once "
+        "instead of queued; the limit rises again as latency recovers."
+    )
+    stats = (
+        ("in_use", in_use),
+        ("adaptive_limit", limit),
+        ("max_limit", lim.maximum),
+        ("latency", round(latency, 6)),
+        ("baseline", round(baseline, 6)),
+    )
+    ctx = r.record_error(c, r.context(c, phase="checkout", diagnosis=diagnosis, extra=stats))
+    return PoolExhaustedError(f"{diagnosis} [engine '{r.name}']", ctx)
+
+
 def _checkout(self: Any) -> Any:
     # Hot path, every checkout: breaker closed, no timings, no need to wait.
     r: Resilience = self._rdb
+    lim = r.limit
+    if lim is not None and lim.limit < lim.maximum:
+        in_use = self.checkedout()  # never wait because of the limit: refuse now
+        if in_use >= lim.limit:
+            raise limit_exceeded(r, self, in_use)
     b = r.breaker
     if (
         (b is None or b.state is CLOSED)

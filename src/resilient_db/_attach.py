@@ -8,7 +8,8 @@ All through SQLAlchemy's own extension points:
 3. ``handle_error`` classifies every error once (:mod:`._handle_error`);
 4. telemetry subscribes (:mod:`.telemetry`);
 5. ``connect`` listeners set MariaDB's session timeout, then end the set-up deadline;
-6. the dialect's driver calls run under the call deadline.
+6. the dialect's driver calls run under the call deadline (and are sampled by the
+   adaptive concurrency limit, :mod:`._limit`).
 """
 
 from __future__ import annotations
@@ -86,5 +87,5 @@ def install(engine: Engine, r: Resilience) -> None:
         event.listen(engine, "connect", on_connect(r))
         if engine.dialect.supports_server_side_cursors:
             guard_server_side_cursors(engine.dialect, call)
-    if r.watch or r.slow_call is not None:
+    if r.watch or r.slow_call is not None or r.limit is not None:
         guard_calls(engine.dialect, r)

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _perf = time.perf_counter
+_mono = time.monotonic
 
 # The slot of the connection whose set-up (the pool's connect listeners) runs in this
 # context (thread, or asyncio task: SQLAlchemy's greenlets share the task's context).
@@ -168,6 +169,7 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
     call = r.policy.timeouts.call if r.watch else None
     slow_call = r.slow_call
     clock = r.clock
+    sample = r.limit.sample if r.limit is not None else None  # the adaptive limit's
 
     def guard(
         original: Callable[..., Any],
@@ -195,8 +197,10 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
                 own = slot.own_call
                 outer = slot.arm(call if own < 0 else own)
             else:
-                outer = 0.0
+                outer, own = 0.0, -1.0
             t0 = clock() if slow_call is not None else 0.0
+            # the start for the limiter (arm() read the clock); a set-up call is not sampled
+            began = -1.0 if sample is None or outer else slot.armed_at if slot else _mono()
             tel = r.exec_timer if timed else None
             started = _perf() if tel is not None else 0.0
             try:
@@ -213,6 +217,9 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
                 tel.operations.add(_perf() - started)
             if slot is not None and slot.fired:  # Slot.returned(), inlined
                 slot.returned()
+            if began >= 0.0 and own < 0 and sample is not None:  # own < 0: not long work
+                now = _mono()
+                sample(now - began, now)
             if slow_call is not None and clock() - t0 > slow_call:
                 rec = _compat.record_of(args[at])
                 if rec is not None:

@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import QueuePool
 
 from . import _compat
+from ._limit import AdaptiveLimit
 from ._watchdog import WATCHED_DRIVERS
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .classify import Classification, Kind, Target
@@ -118,6 +119,12 @@ class Resilience:
         self.ping_after_idle = (
             None if engine.dialect.name == "sqlite" else policy.pool.ping_after_idle
         )
+        # the adaptive concurrency limit (resilient_db._limit.AdaptiveLimit), or None
+        # (a QueuePool's: its size and overflow bound the limit; wrap() keeps the engine's pool)
+        self.limit: AdaptiveLimit | None = None
+        if policy.pool.adaptive and isinstance(engine.pool, QueuePool):
+            most = engine.pool.size() + max(0, _compat.max_overflow(engine.pool))
+            self.limit = AdaptiveLimit(most, name=name)
         self.open_verdict: Classification | None = None
         self.dialect = engine.dialect
         # resilient_db.telemetry.EngineTelemetry (set by telemetry.attach); `timing` is

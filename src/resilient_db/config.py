@@ -133,6 +133,11 @@ class PoolPolicy:
     - ``recycle``: replace connections older than this (below MySQL's idle timeout).
     - ``ping_after_idle``: ping a pooled connection on checkout only when it sat
       idle longer than this (``None``: never; ``0``: on every checkout).
+    - ``adaptive``: an adaptive concurrency limit (off by default): when the
+      engine's calls get slower than its own baseline (a brownout), it lowers
+      the connections allowed in use below ``size + max_overflow`` and refuses
+      checkouts beyond it at once, and raises it again as latency recovers
+      (docs/resilience.md, "Adaptive concurrency limit").
     """
 
     size: int = 5
@@ -140,6 +145,7 @@ class PoolPolicy:
     max_waiters: int | None = 2
     recycle: float | None = 1800.0
     ping_after_idle: float | None = 1.0
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         conns: dict[str, Any] = {"integer": True, "strict": False, "maximum": _MAX_CONNECTIONS}
@@ -148,6 +154,12 @@ class PoolPolicy:
         _check_number(self, "max_waiters", minimum=0, optional=True, **conns)
         _check_number(self, "recycle", optional=True, maximum=7 * _MAX_SECONDS)
         _check_number(self, "ping_after_idle", optional=True, strict=False, maximum=_MAX_SECONDS)
+        if not isinstance(self.adaptive, bool):
+            raise ConfigurationError(
+                "PoolPolicy.adaptive",
+                f"must be True or False, got {self.adaptive!r}.",
+                "Pass adaptive=True to shed load when the database gets slow, else False.",
+            )
 
 
 @dataclass(frozen=True, slots=True)
