@@ -6,6 +6,7 @@ Each test forks for real; the child reports through a pipe as JSON and leaves wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 import resilient_db
-from resilient_db import Policy, Timeouts
+from resilient_db import Policy, PoolPolicy, Timeouts
 from resilient_db._watchdog import WATCHDOG
 from resilient_db.engine import resilience_of
 from resilient_db.fleet import share_breaker
@@ -109,6 +110,28 @@ def test_child_is_not_blocked_by_a_lock_held_at_the_fork(engine: sa.Engine) -> N
 
         seen = in_child(child)
     assert ("closed", int) == (seen.get("state"), type(seen.get("backend"))), seen
+
+
+def test_child_adaptive_limit_decides_although_its_lock_was_held(pg_url: str) -> None:
+    """The adaptive limit's decision lock, held in the parent at the fork, is new in the child."""
+    e = resilient_db.create_engine(
+        pg_url, policy=dataclasses.replace(POLICY, pool=PoolPolicy(adaptive=True))
+    )
+    lim = resilience_of(e).limit
+    assert lim is not None
+    try:
+        backend_pid(e)  # the baseline: a fast call
+        with lim._lock:
+
+            def child() -> dict[str, Any]:
+                for t in range(40):  # 20 s of 1 s calls, 8 per 0.5 s window
+                    lim.sample(1.0, 1e6 + t / 16)
+                return {"limit": lim.limit}
+
+            seen = in_child(child)
+        assert {"limit": 2} == seen
+    finally:
+        e.dispose()
 
 
 def test_fleet_store_restarts_in_the_child(engine: sa.Engine, redis_url: str) -> None:

@@ -93,6 +93,8 @@ def _fresh_state(r: Any) -> None:
     _reset_lock(r, "wait_lock")
     if r.breaker is not None:
         _reset_lock(r.breaker, "_lock", "_count_lock")
+    if r.limit is not None:  # the adaptive limit's decision lock
+        _reset_lock(r.limit, "_lock")
     m = r.monitor
     if m is not None:  # a probe out at the fork runs in the parent only
         _reset_lock(m, "_lock")
