@@ -172,9 +172,7 @@ def guard_calls(dialect: Any, r: Resilience) -> None:
     sample = r.limit.sample if r.limit is not None else None  # the adaptive limit's
 
     def guard(
-        original: Callable[..., Any],
-        rollback: bool = False,
-        timed: bool = False,
+        original: Callable[..., Any], rollback: bool = False, timed: bool = False
     ) -> Callable[..., Any]:
         # an execute's execution context comes last; a commit's / rollback's connection first
         state_of = _compat.context_state if timed else _compat.connection_state
