@@ -3,8 +3,8 @@
 The runtime never calls telemetry or the logger. At each point worth
 reporting it hands one frozen event to the engine's :class:`Dispatcher`,
 which calls the handlers subscribed to that event class, in subscription
-order: the metrics and spans (:mod:`resilient_db.telemetry`), the log records
-(:mod:`resilient_db.telemetry.logs`) and any handler of the application's
+order: the log records (:mod:`resilient_db.telemetry.logs`), the metrics and
+spans (:mod:`resilient_db.telemetry`) and any handler of the application's
 (:func:`resilient_db.events.subscribe`). A handler that raises is logged at
 DEBUG and skipped: reporting never breaks a database call.
 
