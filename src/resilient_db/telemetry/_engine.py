@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import Tracer, TracerProvider
+from opentelemetry.trace import Tracer, TracerProvider, get_current_span
 
 from .._deadline import guard_calls
 from .._events import (
@@ -248,7 +248,8 @@ class EngineTelemetry:
         """A checkout rejected by the open breaker: counted (added to ``resilient_db.errors``
         at :meth:`flush`), an event if the caller's span records."""
         self.rejected_checkouts.add_one()
-        tracing.rejected_event(self.pool_attrs, ev.state, ev.retry_in)
+        if get_current_span().is_recording():  # tested here: this runs for every rejection
+            tracing.rejected_event(self.pool_attrs, ev.state, ev.retry_in)
 
     def _event_attrs(self, ctx: ErrorContext) -> dict[str, Any]:
         attrs = {**self.pool_attrs, "resilient_db.phase": ctx.phase}
