@@ -12,9 +12,7 @@ PKG = SRC / "resilient_db"
 
 #: Modules still over 450 lines, with their size when this ratchet was set: each may
 #: only shrink. Split one and take it off the list.
-OVERSIZE = {
-    "telemetry/__init__.py": 610,
-}
+OVERSIZE: dict[str, int] = {}
 #: Functions over 80 lines, likewise a ratchet.
 LONG_FUNCTIONS: dict[str, int] = {}
 

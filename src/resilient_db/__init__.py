@@ -7,6 +7,7 @@ safe connect retries and a bounded pool.
 
 from typing import TYPE_CHECKING, Any
 
+from . import events
 from ._backoff import set_testing
 from .breaker import BreakerSnapshot, CircuitBreaker
 from .classify import Classification, Kind, RetryLevel, Target, classify
@@ -78,6 +79,7 @@ __all__ = [
     "engine_options",
     "ensure_idempotency_table",
     "error_context",
+    "events",
     "health",
     "health_async",
     "hosts_of",

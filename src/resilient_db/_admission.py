@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import Pool
 
 from . import _compat
+from ._events import CircuitRejected, ValidationFailed, report_failure
 from ._state import EXITS, ConnState, Resilience, conn_state
 from ._watchdog import Slot
 from .breaker import CLOSED, OPEN, Rejected
@@ -38,8 +39,9 @@ def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
     """The error for a call rejected by the open breaker.
 
     Rejections come by the thousand while the breaker is open: the values are
-    taken now, the message and context are rendered on first access, and
-    telemetry counts the rejection (logs are a rate-limited summary).
+    taken now, the message and context are rendered on first access, and the
+    :class:`~resilient_db._events.CircuitRejected` event is built only when
+    somebody listens (telemetry counts it; logs are a rate-limited summary).
     """
     b = r.breaker
     if b is not None:
@@ -47,8 +49,14 @@ def circuit_open(r: Resilience, rej: Rejected) -> CircuitOpenError:
     else:  # pragma: no cover - only a breaker rejects
         state, last, forced = rej.state, None, False
     err = CircuitOpenError.deferred(lambda: _open_message(r, rej, state, last, forced))
-    if r.telemetry is not None:
-        r.telemetry.rejected(state, rej.retry_in, err)
+    handlers = r.events.get(CircuitRejected)
+    if handlers:  # deliver()'s loop, inline: this runs for every call while open
+        event = CircuitRejected(r.name, state, rej.retry_in, err)
+        for handler in handlers:
+            try:
+                handler(event)
+            except Exception:
+                report_failure(handler)
     return err
 
 
@@ -122,8 +130,7 @@ def _vet(r: Resilience, pool: Pool, rec: Any, probe: int, waited: bool) -> Any:
             and not _ping(r, pool, rec, bool(probe))
         ):
             rec.invalidate()
-            if r.telemetry is not None:
-                r.telemetry.validation_failed("idle_ping")
+            r.events.emit(ValidationFailed(r.name, "idle_ping"))
             if b is not None and b.state is not CLOSED:
                 b.release(probe)
                 probe = 0

@@ -6,7 +6,8 @@ All through SQLAlchemy's own extension points:
 2. ``do_connect`` runs the connect sequence (:mod:`._connect`) and gives a new
    connection its watchdog slot (:mod:`._deadline`);
 3. ``handle_error`` classifies every error once (:mod:`._handle_error`);
-4. telemetry subscribes (:mod:`.telemetry`);
+4. the breaker's state changes become events (:mod:`._events`), to which the
+   log records and then telemetry subscribe (:mod:`.telemetry`);
 5. ``connect`` listeners set MariaDB's session timeout, then end the set-up deadline;
 6. the dialect's driver calls run under the call deadline (and are sampled by the
    adaptive concurrency limit, :mod:`._limit`).
@@ -30,9 +31,17 @@ from ._deadline import (
     on_connect,
     watch_connection,
 )
+from ._events import (
+    BreakerRelay,
+    ConnectCancelled,
+    Connected,
+    ConnectFailed,
+    ConnectStarted,
+)
 from ._handle_error import handle_error
 from ._probe import Monitor
 from ._state import Resilience
+from .errors import error_context
 
 __all__ = ["install"]
 
@@ -40,10 +49,26 @@ __all__ = ["install"]
 def _new_connection(r: Resilience, rec: Any, open_: Callable[[], Any]) -> Any:
     """Run one connect sequence ``open_`` (with its span) and give the result its slot."""
     SETTING_UP.set(None)  # an earlier set-up in this context that failed is over
-    tel = r.telemetry  # a span and timing around the whole connect sequence
-    conn = open_() if tel is None else tel.connect(lambda *_: open_(), None, None, None)
+    conn = open_() if not r.events.get(ConnectStarted) else _reported(r, open_)
+    r.answered()
     if r.watch:  # before the pool's connect listeners: they run the set-up queries
         watch_connection(r, conn, rec)
+    return conn
+
+
+def _reported(r: Resilience, open_: Callable[[], Any]) -> Any:
+    """Run ``open_`` between a ConnectStarted event and its outcome's event."""
+    events = r.events
+    events.emit(ConnectStarted(r.name))
+    try:
+        conn = open_()
+    except Exception as e:
+        events.emit(ConnectFailed(r.name, error_context(e)))
+        raise
+    except BaseException:
+        events.emit(ConnectCancelled(r.name))
+        raise
+    events.emit(Connected(r.name))
     return conn
 
 
@@ -51,6 +76,7 @@ def install(engine: Engine, r: Resilience) -> None:
     """Attach ``r`` to ``engine``: pool admission, event listeners, call deadline."""
     # OpenTelemetry's API loads with the first engine, not with `import resilient_db`
     from .telemetry import attach as attach_telemetry
+    from .telemetry.logs import EngineLog
 
     install_pool(engine.pool, r)
     if r.watch and r.policy.breaker.probe_after is not None:
@@ -77,7 +103,10 @@ def install(engine: Engine, r: Resilience) -> None:
 
         _compat.wrap_creator(engine.pool, creator)
     event.listen(engine, "handle_error", handle_error(r))
-    attach_telemetry(engine, r)  # metrics, spans and logs (no-ops until an SDK is set)
+    if r.breaker is not None:
+        r.breaker.listeners.append(BreakerRelay(r.name, r.events))
+    EngineLog(r).subscribe()  # log records
+    attach_telemetry(engine, r)  # metrics and spans (no-ops until an SDK is set)
     if engine.dialect.name in ("mysql", "mariadb") and r.policy.timeouts.statement is not None:
         # after SQLAlchemy's first-connect listener, which sets dialect.is_mariadb
         event.listen(engine, "connect", mariadb_session(r))

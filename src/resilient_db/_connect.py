@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from . import _backoff, _compat
 from ._admission import circuit_open
 from ._driver_args import lock_wait_seconds
+from ._events import RetryScheduled
 from ._state import EXITS, Resilience
 from ._translate import connect_failure
 from .breaker import CLOSED, OPEN, Rejected
@@ -170,8 +171,7 @@ def _connect_retrying(
             and (c.kind is not Kind.CONNECT_TIMEOUT or elapsed + pause + attempt_s <= budget)
             and (b is None or b.state is CLOSED)
         ):
-            if r.telemetry is not None:
-                r.telemetry.connect_retry(c, attempt, pause)
+            r.events.emit(RetryScheduled(r.name, "connect", c, attempt, pause))
             _sleep(r, pause)
             attempt += 1
             try:

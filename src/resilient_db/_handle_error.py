@@ -6,7 +6,8 @@ the watchdog cut is a ``read_timeout``), count it for the breaker, mark a lost
 connection as a disconnect so the pool never hands it out again, re-route a
 write refused by a standby (failover), then attach the
 :class:`~resilient_db.ErrorContext` (or raise :class:`AmbiguousCommitError`
-for a COMMIT whose outcome is unknown).
+for a COMMIT whose outcome is unknown), and last report it
+(:class:`~resilient_db._events.CallFailed`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from . import _compat
 from ._deadline import SETTING_UP, slot_of
+from ._events import CallFailed, deliver
 from ._state import EXITS, Resilience, conn_state
 from ._translate import ambiguous_commit
 from .classify import Kind, classify
@@ -49,6 +51,7 @@ def handle_error(r: Resilience) -> Callable[[Any], BaseException | None]:
         existing = getattr(orig, _CONTEXT_ATTR, None)
         if isinstance(existing, ErrorContext):
             attach(target_exc, existing)
+            _report(r, ctx, existing)
             return None
         if isinstance(orig, EXITS) or ctx.is_pre_ping:
             return None
@@ -115,9 +118,23 @@ def _classified(
         c = fo.refused_write(ctx, c)  # the primary moved: re-route (failover.py)
     ectx = r.record_error(c, r.context(c, phase=phase, target=t, diagnosis=diagnosis))
     if c.kind is Kind.AMBIGUOUS_COMMIT:
-        return ambiguous_commit(r.name, c.diagnosis, orig, ectx)
+        error = ambiguous_commit(r.name, c.diagnosis, orig, ectx)
+        _report(r, ctx, ectx)
+        return error
     attach(target_exc, ectx)
+    _report(r, ctx, ectx)
     return None
+
+
+def _report(r: Resilience, ctx: Any, ectx: ErrorContext) -> None:
+    """The CallFailed event: the statement's text (never its parameters), its duration."""
+    handlers = r.events.get(CallFailed)
+    if not handlers:
+        return
+    # the call deadline's wrapper marks a failed execute it timed (Resilience.exec_timer)
+    t0 = getattr(ctx.execution_context, "_rdb_t0", None)
+    duration = time.perf_counter() - t0 if t0 is not None else None
+    deliver(handlers, CallFailed(r.name, ectx, ctx.statement, duration))
 
 
 def _phase(ctx: Any, orig: BaseException) -> str:

@@ -30,6 +30,7 @@ import time
 import weakref
 from typing import Any
 
+from ._events import ProbeVerdict
 from ._state import Resilience
 from ._watchdog import WATCHDOG
 from .classify import Target
@@ -128,6 +129,7 @@ class Monitor:
             if reason is None:
                 self.unreachable = None
                 self.answered_in, self.answered_at = took, time.monotonic()
+                r.events.emit(ProbeVerdict(r.name, True, None, 0))
             else:
                 self._unreachable(r, reason)
         except Exception:  # pragma: no cover - a probe must never kill its thread loudly
@@ -138,7 +140,7 @@ class Monitor:
             self._done.set()
 
     def _unreachable(self, r: Resilience, reason: str) -> None:
-        """No answer: open the breaker, cut the calls in flight, tell the operator."""
+        """No answer: open the breaker, cut the calls in flight, report the verdict."""
         self.failed += 1
         diagnosis = (
             f"{r.target.where} stopped answering: a probe on a fresh connection got no "
@@ -157,11 +159,7 @@ class Monitor:
                 cut += 1
         if cut:
             WATCHDOG.scan()  # shut them down now, not at the watchdog's next tick
-        logger.warning(
-            "database unreachable; %d call(s) in flight cut",
-            cut,
-            extra={"db_engine": r.name, "db_diagnosis": diagnosis},
-        )
+        r.events.emit(ProbeVerdict(r.name, False, diagnosis, cut))  # logged at WARNING
 
 
 def probeable(target: Target) -> bool:

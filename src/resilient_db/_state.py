@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import QueuePool
 
 from . import _compat
+from ._events import Dispatcher, ErrorClassified, deliver
 from ._limit import AdaptiveLimit
 from ._watchdog import WATCHED_DRIVERS
 from .breaker import BreakerSnapshot, CircuitBreaker
@@ -127,6 +128,10 @@ class Resilience:
             self.limit = AdaptiveLimit(most, name=name)
         self.open_verdict: Classification | None = None
         self.dialect = engine.dialect
+        # what the runtime reports goes to these subscribers (_events.py)
+        self.events = Dispatcher()
+        #: Wall-clock time the database last answered (a connect or a health ping).
+        self.last_ok: float | None = None
         # resilient_db.telemetry.EngineTelemetry (set by telemetry.attach); `timing` is
         # the same object, set only while per-call timings are on (the hot path checks it)
         self.telemetry: Any = None
@@ -173,12 +178,17 @@ class Resilience:
         )
 
     def record_error(self, c: Classification, ctx: ErrorContext) -> ErrorContext:
-        """A failure of this engine is being raised: remember it and tell telemetry."""
+        """A failure of this engine is being raised: remember it and report it."""
         if c.kind is not Kind.CIRCUIT_OPEN:
             self.last_error = ctx
-        if self.telemetry is not None:
-            self.telemetry.on_error(c, ctx)
+        handlers = self.events.get(ErrorClassified)
+        if handlers:
+            deliver(handlers, ErrorClassified(self.name, c, ctx))
         return ctx
+
+    def answered(self) -> None:
+        """The database answered (a connect or a health ping succeeded)."""
+        self.last_ok = time.time()
 
 
 _REGISTRY: weakref.WeakKeyDictionary[Engine, Resilience] = weakref.WeakKeyDictionary()

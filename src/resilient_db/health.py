@@ -226,7 +226,6 @@ def _snapshot(
                 f"pool saturated: {stats.checked_out} of {stats.max} connections in use, "
                 f"{stats.waiting} caller(s) waiting"
             )
-    tel = r.telemetry
     return HealthSnapshot(
         status=status,
         engine=r.name,
@@ -235,7 +234,7 @@ def _snapshot(
         breaker=b,
         pool=stats,
         last_error=r.last_error,
-        last_success=getattr(tel, "last_ok", None),
+        last_success=r.last_ok,
         ping_ok=ping_ok,
         ping_seconds=ping_seconds,
         breaker_store=store,
@@ -319,7 +318,7 @@ def health(engine: EngineLike, *, ping: bool = False, timeout: float = 1.0) -> H
     error = box.get("error")
     if error is not None:
         return _snapshot(sync, r, ping_ok=False, ping_seconds=seconds, ping_reason=error)
-    _answered(r)
+    r.answered()
     return _snapshot(sync, r, ping_ok=True, ping_seconds=seconds)
 
 
@@ -346,12 +345,6 @@ def _ping_sync(sync: Any, r: Any, box: dict[str, Any], timeout: float) -> None:
             slot.fired = False
             slot.cut = None
         fairy.close()
-
-
-def _answered(r: Any) -> None:
-    tel = r.telemetry
-    if tel is not None:
-        tel.answered()
 
 
 async def health_async(
@@ -392,7 +385,7 @@ async def health_async(
     except Exception as e:
         seconds = round(time.perf_counter() - t0, 6)
         return _snapshot(sync, r, ping_ok=False, ping_seconds=seconds, ping_reason=_failure(r, e))
-    _answered(r)
+    r.answered()
     return _snapshot(sync, r, ping_ok=True, ping_seconds=round(time.perf_counter() - t0, 6))
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from sqlalchemy import exc as sa_exc
 
 from .. import _backoff
+from .._events import RetryScheduled
 from .._state import default_name, resilience_of
 from ..classify import Classification, Kind, RetryLevel, Target, classify
 from ..config import DEFAULT_POLICY, Policy, RetryPolicy
@@ -228,13 +229,8 @@ class _Control:
     def _log_retry(self, pause: float) -> None:
         last = self.history[-1] if self.history else "?"
         if self.r is not None and self.last_c is not None:
-            tel = getattr(self.r, "telemetry", None)
-            retried = getattr(tel, "retried", None)
-            if callable(retried):
-                try:
-                    retried(self.last_c, "transaction")
-                except Exception:  # telemetry never breaks a retry
-                    logger.debug("telemetry failed", exc_info=True)
+            event = RetryScheduled(self.name, "transaction", self.last_c, self.attempt, pause)
+            self.r.events.emit(event)
         logger.info(
             "Unit of work on %s: attempt %d failed (%s); re-running in %.3fs.",
             self.name,

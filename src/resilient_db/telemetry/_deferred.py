@@ -95,7 +95,7 @@ class Deferred:
 class DeferredCount:
     """Increments of one counter with one attribute set, added at the next flush."""
 
-    __slots__ = ("_count", "_flushed", "_lock", "attributes", "counter")
+    __slots__ = ("_count", "_flushed", "_lock", "add_one", "attributes", "counter")
 
     def __init__(self, counter: Any, attributes: dict[str, Any]) -> None:
         self.counter = counter
@@ -103,10 +103,8 @@ class DeferredCount:
         self._count = itertools.count()
         self._flushed = 0
         self._lock = threading.Lock()
-
-    def add_one(self) -> None:
-        """Count one; ``next()`` on an ``itertools.count`` is a single C call: no lock."""
-        next(self._count)
+        #: Count one: the count's own ``__next__``, a single C call (no lock, no Python frame).
+        self.add_one: Callable[[], object] = self._count.__next__
 
     def flush(self) -> int:
         """Add what was counted since the last flush to the counter; returns how many."""

@@ -26,7 +26,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
 if TYPE_CHECKING:
-    from . import EngineTelemetry
+    from ._engine import EngineTelemetry
 
 __all__ = ["METRICS", "Instruments", "MetricSpec", "instruments_for", "is_real_provider"]
 
