@@ -121,13 +121,17 @@ def opener(r: Resilience) -> Callable[[Any, Any, Any], Any]:
 
 def open_connection(r: Resilience, dialect: Any, cargs: Any, cparams: Any) -> Any:
     """The driver's connect, with PyMySQL's greeting bounded by the connect timeout."""
-    handshake = cparams.get("connect_timeout") if r.pymysql else None
+    if not r.pymysql:
+        return dialect.connect(*cargs, **cparams)
+    from ._pymysql import Connection  # PyMySQL without a CA bundle per connection
+
+    handshake = cparams.get("connect_timeout")
     read = cparams.get("read_timeout")
     if not handshake or (read is not None and read <= handshake):
-        return dialect.connect(*cargs, **cparams)
+        return Connection(*cargs, **cparams)
     # PyMySQL reads the server greeting with read_timeout, not connect_timeout:
     # bound the handshake by the connect timeout, then restore the call deadline
-    conn = dialect.connect(*cargs, **{**cparams, "read_timeout": handshake})
+    conn = Connection(*cargs, **{**cparams, "read_timeout": handshake})
     conn._read_timeout = read
     return conn
 

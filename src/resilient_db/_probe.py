@@ -243,12 +243,12 @@ _MYSQL_KEYS = ("user", "password", "database", "db", "charset", "ssl", "program_
 def _finish_mysql_handshake(sock: socket.socket, target: Target, kwargs: dict[str, Any]) -> None:
     """Log in and out, so the server does not count the probe as an aborted connect."""
     try:
-        import pymysql
+        from ._pymysql import Connection
 
         args = {k: kwargs[k] for k in _MYSQL_KEYS if k in kwargs}
         if "db" in args:
             args.setdefault("database", args.pop("db"))
-        conn = pymysql.connections.Connection(
+        conn = Connection(
             host=target.host,
             port=int(target.port or 3306),
             defer_connect=True,
