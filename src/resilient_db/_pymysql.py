@@ -1,6 +1,6 @@
 """PyMySQL connections without a CA bundle loaded per connection.
 
-PyMySQL 1.2+ tries TLS by default ("preferred": TLS if the server offers it,
+Recent PyMySQL (2.2 here) tries TLS by default ("preferred": TLS if the server offers it,
 without verifying the certificate) and builds a fresh ``ssl.create_default_context()``
 for every connection, which loads the system's CA bundle: about 45 ms of CPU with
 the GIL held, on this machine, for a context that verifies nothing. A pool that
