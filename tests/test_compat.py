@@ -85,17 +85,9 @@ def test_instance_attributes_on_live_objects() -> None:
 
 
 def test_pool_functions_against_a_real_queue_pool() -> None:
-    """reclass_pool, pool_do_get/return, can_grow and no_free_connection on a QueuePool."""
+    """reclass_pool, the bound checkout/check-in, can_grow and no_free_connection on a QueuePool."""
     engine = sa.create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0)
     got: list[str] = []
-
-    def do_get(self):  # type: ignore[no-untyped-def]
-        got.append("get")
-        return _compat.pool_do_get(self._rdb_base, self)
-
-    def do_return(self, record):  # type: ignore[no-untyped-def]
-        got.append("return")
-        _compat.pool_do_return(self._rdb_base, self, record)
 
     def do_get_bound(self):  # type: ignore[no-untyped-def]
         got.append("get")
@@ -105,7 +97,9 @@ def test_pool_functions_against_a_real_queue_pool() -> None:
         got.append("return")
         self._rdb_do_return(record)
 
-    base = _compat.reclass_pool(engine.pool, "Test", {}, checkout=do_get, checkin=do_return)
+    base = _compat.reclass_pool(
+        engine.pool, "Test", {}, checkout=do_get_bound, checkin=do_return_bound
+    )
     assert (QueuePool, QueuePool) == (base, _compat.base_pool_class(engine.pool))
     assert "TestQueuePool" == type(engine.pool).__name__
     with engine.connect() as conn:
@@ -133,13 +127,16 @@ def test_record_functions_against_a_real_record() -> None:
     """is_invalidated, invalidate_older and checkin_failed on a real pool record."""
     engine = sa.create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0)
     pool = engine.pool
-    rec = _compat.pool_do_get(QueuePool, pool)
+    _compat.reclass_pool(
+        pool, "Plain", {}, checkout=QueuePool._do_get, checkin=QueuePool._do_return_conn
+    )
+    rec = pool._rdb_do_get()
     assert _compat.is_invalidated(rec) is False
     _compat.invalidate_older(pool, rec)
     assert pool._invalidate_time >= rec.starttime
     _compat.checkin_failed(rec, RuntimeError("x"))
     assert 0 == pool.checkedout()
-    rec2 = _compat.pool_do_get(QueuePool, pool)
+    rec2 = pool._rdb_do_get()
     _compat.checkin_unused(rec2)
     assert 0 == pool.checkedout()
     engine.dispose()

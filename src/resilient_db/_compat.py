@@ -40,8 +40,6 @@ __all__ = [
     "no_free_connection",
     "pool_creator",
     "pool_dialect",
-    "pool_do_get",
-    "pool_do_return",
     "proxied_engine",
     "queue_pool_can_grow",
     "queue_pool_limits",
@@ -102,10 +100,10 @@ def reclass_pool(
     ``checkout(pool)`` replaces the class's ``_do_get`` and ``checkin(pool,
     record)`` its ``_do_return_conn``, the two methods every checkout and
     check-in pass through whatever the pool class; ``attrs`` are added as
-    class attributes. The original class is kept as ``_rdb_base``: call it
-    with :func:`pool_do_get` / :func:`pool_do_return`, or, on the hot path, with
-    the pool's own ``_rdb_do_get()`` / ``_rdb_do_return(record)`` (the original
-    methods, bound without a wrapper call). A pool re-classed
+    class attributes. The original class is kept as ``_rdb_base``, and its
+    checkout and check-in as the pool's own ``_rdb_do_get()`` /
+    ``_rdb_do_return(record)`` (the original methods, called without a wrapper
+    on the hot path). A pool re-classed
     before is re-classed from its original class. (CPython refuses to change
     an existing object's ``__class__`` to a class with an extra base, so the
     methods are set on a direct subclass.)
@@ -129,16 +127,6 @@ def base_pool_class(pool: Pool) -> type[Pool]:
     cls = type(pool)
     base: type[Pool] = getattr(cls, "_rdb_base", cls)
     return base
-
-
-def pool_do_get(base: type[Pool], pool: Pool) -> Any:
-    """The original class's checkout: a pool record (waits up to the pool timeout)."""
-    return base._do_get(pool)
-
-
-def pool_do_return(base: type[Pool], pool: Pool, record: Any) -> None:
-    """The original class's check-in of ``record``."""
-    base._do_return_conn(pool, record)
 
 
 def queue_pool_can_grow(pool: Any) -> bool:
