@@ -229,6 +229,32 @@ def test_connect_timeouts_into_a_slow_server_do_not_open_the_breaker(pg_url: str
     assert "reachable but too slow to complete a connection" in ctx.diagnosis
 
 
+@pytest.mark.parametrize(("nbytes", "verdict"), [(1, ("closed", 0)), (0, ("open", 1))])
+def test_connects_reset_in_the_handshake_are_judged_by_the_probe(
+    pg_url: str, nbytes: int, verdict: tuple[str, int]
+) -> None:
+    """A connect reset during the handshake counts only if the probe gets no answer either.
+
+    ``reset_after(1)``: the server's first byte (its answer to the SSL request, which
+    is all a probe asks for) gets through, then every connection is reset: the server
+    answered, nothing counts. ``reset_after(0)``: not a byte comes back: unreachable.
+    """
+    u = sa.make_url(pg_url)
+    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
+        proxy.reset_after(nbytes)
+        engine = resilient_db.create_engine(_proxied(pg_url, proxy), policy=DEFAULT)
+        threshold = breaker_of(engine).policy.failure_threshold
+        errors = [_raised(lambda: _one(engine))[0] for _ in range(threshold + 1)]
+        monitor = resilience_of(engine).monitor
+        assert monitor.wait(monitor.verdict_within() + 1.0)
+        seen = (breaker_of(engine).state, monitor.failed)
+        engine.dispose()
+    kinds = [getattr(resilient_db.error_context(e), "kind", None) for e in errors]
+    assert "disconnect" == kinds[0], kinds
+    assert monitor.probes >= 1
+    assert verdict == seen
+
+
 def test_nobody_waits_while_a_probe_is_out(pg_url: str) -> None:
     """With every connection in use and a probe out, a checkout fails at once."""
     engine = resilient_db.create_engine(pg_url, policy=DEFAULT, pool_size=1, max_overflow=0)

@@ -196,20 +196,35 @@ def _connect_retrying(
         raise raised from error  # a bare socket error (asyncpg): OperationalError
 
 
+#: A connect closed or killed during the handshake: the server (or a proxy) answered.
+_LOST_IN_HANDSHAKE = frozenset({Kind.DISCONNECT, Kind.ADMIN_TERMINATED, Kind.READ_TIMEOUT})
+
+
 def _count(r: Resilience, c: Classification) -> None:
-    """Count a failed connect for the breaker, or let a probe judge a connect timeout.
+    """Count a failed connect for the breaker, or let a probe judge it.
 
     A connect that timed out may have met a slow server (a brownout: every reply
-    late), not an unreachable one: when the server can be probed, the timeout
-    only raises suspicion, and the probe's verdict decides (no answer trips the
-    breaker, an answer counts nothing). Refusals, DNS failures and the rest count.
+    late), and one closed or killed during the handshake met a server that
+    answered (a reset by a proxy, sessions killed by an operator while the pool
+    reconnected): when the server can be probed, these only raise suspicion, and
+    the probe's verdict decides (no answer trips the breaker, an answer counts
+    nothing). Refusals, too many connections, a server shutting down and DNS
+    failures count, and so does a half-open trial connect that was closed.
     """
     m = r.monitor
-    if c.kind is Kind.CONNECT_TIMEOUT and m is not None and m.can_probe:
+    b = r.breaker
+    assert b is not None
+    if (
+        m is not None
+        and m.can_probe
+        and (
+            c.kind is Kind.CONNECT_TIMEOUT
+            or (c.kind in _LOST_IN_HANDSHAKE and b.state is CLOSED)
+        )
+    ):
         m.suspect(time.monotonic())
         return
-    assert r.breaker is not None
-    r.breaker.record_failure(c.diagnosis)
+    b.record_failure(c.diagnosis)
 
 
 def _await_verdict(r: Resilience) -> None:
