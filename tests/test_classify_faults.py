@@ -188,9 +188,6 @@ W_IDLE = Want(
 W_IDLE_IN_TX = Want(
     Kind.IDLE_TIMEOUT, RetryLevel.TRANSACTION, True, "sat idle longer than its timeout", "execute"
 )
-W_READ_TIMEOUT = Want(
-    Kind.READ_TIMEOUT, RetryLevel.TRANSACTION, True, "no reply within the per-call deadline"
-)
 W_WATCHDOG = Want(
     Kind.READ_TIMEOUT,
     RetryLevel.TRANSACTION,
@@ -1182,7 +1179,7 @@ def my_reset_idle(env: Env) -> Hit:
 
 
 def my_blackhole_mid_query(env: Env) -> Hit:
-    """The network goes silent mid-transaction: PyMySQL's read_timeout ends the wait (2013)."""
+    """The network goes silent mid-transaction: the watchdog ends the wait, as on PostgreSQL."""
     return _blackhole_mid_query(env, env.maria.url())
 
 
@@ -1488,7 +1485,7 @@ CASES = [
     Case("17", PG, pg_blackhole_mid_query, W_WATCHDOG, None),
     Case("17", MY, my_reset_mid_query, W_LOST, "2013"),
     Case("17", MY, my_reset_idle, W_LOST, "2006"),
-    Case("17", MY, my_blackhole_mid_query, W_READ_TIMEOUT, "2013"),
+    Case("17", MY, my_blackhole_mid_query, W_WATCHDOG, None),
     Case("18", PG, pg_temp_file_limit, W_DISK_FULL, "53400"),
     Case("18", PG, pg_disk_full, W_DISK_FULL, "53100"),
     Case("18", MY, my_tmp_disk_table_size, W_DISK_FULL, "1114"),

@@ -122,10 +122,18 @@ def test_postgres_defaults_applied(pg_url: str, dispose: Callable[[sa.Engine], s
 def test_mysql_defaults_applied(
     mariadb_url: str, dispose: Callable[[sa.Engine], sa.Engine]
 ) -> None:
-    """PyMySQL gets connect and read timeouts and pool_recycle below wait_timeout."""
+    """PyMySQL gets a connect timeout and pool_recycle below wait_timeout.
+
+    No read or write timeout: the watchdog enforces the call deadline, so the
+    ``resilient_db_call_timeout`` option can lift it, and reads stay blocking.
+    """
     engine = dispose(resilient_db.create_engine(mariadb_url, validate="off"))
     args = driver_defaults(engine.url, resilient_db.DEFAULT_POLICY)
-    assert (2, 28) == (args["connect_timeout"], args["read_timeout"])
+    assert (2, None, None) == (
+        args["connect_timeout"],
+        args.get("read_timeout"),
+        args.get("write_timeout"),
+    )
     assert 1800 == engine.pool._recycle  # type: ignore[attr-defined]
     with engine.connect() as conn:
         assert 1 == conn.execute(sa.text("SELECT 1")).scalar()

@@ -662,6 +662,62 @@ def test_watchdog_spares_a_call_that_ends_before_the_shot(monkeypatch: pytest.Mo
         peer.close()
 
 
+class _Silence:
+    """A slot's engine, as the watchdog sees it: a silence threshold and a callback."""
+
+    def __init__(self, probe_after: float) -> None:
+        self.probe_after = probe_after
+        self.suspected: list[float] = []
+
+    def suspect(self, now: float) -> None:
+        self.suspected.append(now)
+
+
+def test_watchdog_sleeps_until_the_soonest_deadline_or_silence() -> None:
+    """The scan notes when the next deadline or silence threshold falls, nothing sooner."""
+    clock = ManualClock()
+    dog = Watchdog(clock=clock)
+    quiet, slow = _Silence(1.0), _Silence(1.0)
+    a, b, idle = Slot(lambda: None, quiet), Slot(lambda: None, slow), Slot(lambda: None)
+    for s in (a, b, idle):
+        dog._slots.add(s)
+    a.armed_at, a.deadline = clock.now, clock.now + 30.0  # silent at +1.0
+    b.armed_at, b.deadline = clock.now - 2.0, clock.now + 28.0  # silent for 2 s already
+    dog.scan()
+    assert ([], [clock.now], clock.now + dog.tick) == (
+        quiet.suspected,
+        slow.suspected,
+        dog._soonest,
+    )
+    b.deadline = 0.0  # that call ended
+    dog.scan()
+    assert clock.now + 1.0 == dog._soonest
+    a.deadline = clock.now + 0.5  # a shorter deadline than the silence threshold
+    dog.scan()
+    assert clock.now + 0.5 == dog._soonest
+
+
+def test_a_deadline_sooner_than_the_next_scan_wakes_the_watchdog() -> None:
+    """The thread sleeps long while calls are healthy; a short deadline still fires on time."""
+    mine, peer = socket.socketpair()
+    dog = Watchdog(idle=30.0)
+    slot = dog.slot(mine.fileno)
+    try:
+        t0 = time.monotonic()
+        slot.arm(0.05)
+        mine.settimeout(10.0)
+        try:
+            got = mine.recv(1)  # returns b"" once the watchdog shuts the socket down
+        except OSError:
+            got = b""
+        took = time.monotonic() - t0
+        assert (b"", True) == (got, slot.fired)
+        assert took < 5.0, took  # not the 30 s sleep
+    finally:
+        mine.close()
+        peer.close()
+
+
 def _backend_pid(conn: sa.Connection) -> int:
     return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
 

@@ -108,9 +108,9 @@ def driver_defaults(url: URL, policy: Policy) -> dict[str, Any]:
     elif backend in ("mysql", "mariadb"):
         if t.connect is not None:
             args["connect_timeout"] = max(1, round(t.connect))
-        if driver == "pymysql" and t.call is not None:
-            args["read_timeout"] = max(1, round(t.call))
-            args["write_timeout"] = max(1, round(t.call))
+        # Timeouts.call: the watchdog, as for psycopg, not PyMySQL's read_timeout /
+        # write_timeout (a poll before every read, and the resilient_db_call_timeout
+        # option could not lift them); the greeting is bounded by the connect timeout
         if policy.application_name and driver in ("pymysql", "aiomysql"):
             args["program_name"] = policy.application_name
     elif backend == "sqlite" and t.statement is not None:

@@ -4,9 +4,12 @@ psycopg (3 and 2) and aiomysql block in ``recv`` for ever when the network goes
 silent on an established connection; asyncpg has ``command_timeout``, but it
 arms and cancels an event-loop timer for every protocol message exchange. Each
 watched connection gets a :class:`Slot`; a call arms it with a deadline and
-disarms it when done (two attribute writes). One daemon thread scans the armed
-slots every ``tick`` seconds and, when a deadline has passed, shuts the socket
-down so the blocked call fails at once and SQLAlchemy discards the connection.
+disarms it when done (two attribute writes). One daemon thread sleeps until the
+soonest deadline or silence threshold of the armed slots (at most ``idle``
+seconds) and, when a deadline has passed, shuts the socket down so the blocked
+call fails at once and SQLAlchemy discards the connection. A call armed with a
+deadline sooner than the thread's next wake-up wakes it; a healthy engine's
+calls never do, so the thread wakes about once a second, not twenty times.
 A slot's engine may also ask to hear of a call silent for longer than its
 ``probe_after`` (:class:`Suspicious`): the same scan tells it, and the engine
 probes the database (:mod:`resilient_db._probe`).
@@ -59,6 +62,7 @@ class Slot:
         "armed_at",
         "cut",
         "deadline",
+        "dog",
         "fd_getter",
         "fired",
         "monitor",
@@ -67,9 +71,14 @@ class Slot:
     )
 
     def __init__(
-        self, fd_getter: Callable[[], int | None], monitor: Suspicious | None = None
+        self,
+        fd_getter: Callable[[], int | None],
+        monitor: Suspicious | None = None,
+        dog: Watchdog | None = None,
     ) -> None:
         self.deadline = 0.0
+        #: the watchdog that scans this slot, woken when a deadline is due before its next scan
+        self.dog = dog
         self.armed_at = 0.0
         self.fired = False
         self.shot = False
@@ -94,6 +103,11 @@ class Slot:
             self.deadline = deadline
         elif deadline < outer:
             self.deadline = deadline
+        else:
+            return outer
+        dog = self.dog
+        if dog is not None and deadline < dog.next_wake:
+            dog.wake()
         return outer
 
     def disarm(self, outer: float) -> None:
@@ -149,9 +163,21 @@ def socket_fileno(dbapi_connection: object) -> int | None:
 class Watchdog:
     """Shuts down sockets whose call outlived its deadline."""
 
-    def __init__(self, tick: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        tick: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        idle: float = 1.0,
+    ) -> None:
+        #: how often a call already silent past its threshold is reported again
         self.tick = tick
+        #: the longest sleep; shortened to the smallest ``probe_after`` of the slots' engines
+        self.idle = idle
         self.clock = clock
+        #: when the thread scans next; a deadline armed sooner than this wakes it
+        self.next_wake = 0.0
+        self._soonest = FOREVER
+        self._woken = threading.Event()
         self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -159,8 +185,10 @@ class Watchdog:
 
     def slot(self, fd_getter: Callable[[], int | None], monitor: Suspicious | None = None) -> Slot:
         """Register a new slot and make sure the scanning thread runs."""
-        s = Slot(fd_getter, monitor)
+        s = Slot(fd_getter, monitor, self)
         with self._lock:
+            if monitor is not None and monitor.probe_after < self.idle:
+                self.idle = monitor.probe_after  # a new slot's silence is checked in time
             self._slots.add(s)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -183,11 +211,22 @@ class Watchdog:
         self._lock = threading.Lock()
         self._slots = weakref.WeakSet()
         self._thread = None
+        self._woken = threading.Event()
+        self.next_wake = 0.0
+
+    def wake(self) -> None:
+        """Scan now: a deadline was armed sooner than the next scan."""
+        self._woken.set()
 
     def scan(self) -> int:
-        """Fire every slot whose deadline has passed; returns how many fired."""
+        """Fire every slot whose deadline has passed; returns how many fired.
+
+        Also notes when the soonest deadline or silence threshold of the slots
+        still armed falls, for the thread's next wake-up.
+        """
         now = self.clock()
         fired = 0
+        soonest = FOREVER
         with self._lock:
             slots = list(self._slots)
         for s in slots:
@@ -195,9 +234,14 @@ class Watchdog:
             if not d or s.fired:
                 continue
             if now < d:
+                soonest = min(soonest, d)
                 m = s.monitor
-                if m is not None and now - s.armed_at >= m.probe_after:
-                    m.suspect(now)
+                if m is not None:
+                    silent_at = s.armed_at + m.probe_after
+                    if now >= silent_at:
+                        m.suspect(now)
+                        silent_at = now + self.tick  # still silent: report it again soon
+                    soonest = min(soonest, silent_at)
                 continue
             fd = s.fd_getter()
             if s.deadline != d:  # the call ended (or a new one began) meanwhile
@@ -212,15 +256,21 @@ class Watchdog:
                 continue
             fired += 1
         self.fired += fired
+        self._soonest = soonest
         return fired
 
     def _run(self) -> None:
         while True:
-            time.sleep(self.tick)
+            self.next_wake = FOREVER  # a deadline armed during the scan wakes the next sleep
+            self._woken.clear()
             try:
                 self.scan()
             except Exception:  # pragma: no cover - never let the guard thread die
-                continue
+                self._soonest = self.clock() + self.tick
+            now = self.clock()
+            wake = min(self._soonest, now + self.idle)
+            self.next_wake = wake
+            self._woken.wait(max(wake - now, 0.001))
 
 
 def _shutdown(fd: int, due: Callable[[], bool]) -> bool:

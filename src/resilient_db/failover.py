@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -258,7 +257,7 @@ class Failover:
         if limit is None:
             return probe_role(conn, self.backend)
         slot = WATCHDOG.slot(lambda: socket_fileno(getattr(conn, "driver_connection", conn)))
-        slot.deadline = time.monotonic() + limit
+        slot.arm(limit)
         try:
             return probe_role(conn, self.backend)
         finally:
