@@ -217,10 +217,7 @@ def _count(r: Resilience, c: Classification) -> None:
     if (
         m is not None
         and m.can_probe
-        and (
-            c.kind is Kind.CONNECT_TIMEOUT
-            or (c.kind in _LOST_IN_HANDSHAKE and b.state is CLOSED)
-        )
+        and (c.kind is Kind.CONNECT_TIMEOUT or (c.kind in _LOST_IN_HANDSHAKE and b.state is CLOSED))
     ):
         m.suspect(time.monotonic())
         return
