@@ -189,6 +189,19 @@ def test_policy_timeouts_are_checked() -> None:
     assert {"RDB502", "RDB507"} <= {f.code for f in no_stmt.warnings}
 
 
+def test_pymysql_call_deadline_is_the_watchdog_on_resilient_engines(mariadb_url: str) -> None:
+    """RDB501/503 on PyMySQL: a plain engine needs read_timeout; resilient_db's does not."""
+    plain = sa.create_engine(mariadb_url)
+    resilient = resilient_db.create_engine(mariadb_url, validate="off")
+    try:
+        reports = [validate(plain, deadline=5), validate(resilient, deadline=5)]
+    finally:
+        plain.dispose()
+        resilient.dispose()
+    warned = [{f.code for f in r.warnings} & {"RDB501", "RDB503"} for r in reports]
+    assert [{"RDB501", "RDB503"}, set()] == warned
+
+
 def test_pool_larger_than_server_allows(server_url: str) -> None:
     """Pools x instances above max_connections is error RDB402 on the pool.size field."""
     report = validate(server_url, policy=Policy(instances=60), deadline=5)

@@ -96,6 +96,9 @@ class _Run:
         self.args: dict[str, Any] = {}
         self.creator: Callable[..., Any] | None = None
         self.listeners: list[Callable[..., Any]] = []
+        #: the engine is resilient_db's (or a URL checked as resilient_db would connect):
+        #: its watchdog bounds PyMySQL's calls and its connect bounds the greeting
+        self.resilient = True
         self.addrs: list[tuple[Any, Any, Any, Any, Any]] = []
         self.tcp_ok: bool | None = None
         self.facts: _Facts | None = None

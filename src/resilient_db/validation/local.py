@@ -122,9 +122,12 @@ def _prepare_connect_args(run: _Run) -> None:
             run.args = dict(cparams)
         elif callable(creator):
             run.creator = creator
+        run.resilient = False
         for fn in run.engine.dialect.dispatch.do_connect:
             if getattr(fn, "__module__", "") != "resilient_db._attach":
                 run.listeners.append(fn)
+            else:
+                run.resilient = True
     else:
         run.args = merge_connect_args(run.url, run.policy, {})
 
@@ -160,7 +163,7 @@ def _check_connect_timeout(run: _Run) -> None:
     elif run.driver == "pymysql":
         eff = _as_float(run.opt("connect_timeout"))
         eff = 10.0 if eff is None else eff
-        if _as_float(run.opt("read_timeout")) is None:
+        if not run.resilient and _as_float(run.opt("read_timeout")) is None:
             eff, why = None, "PyMySQL's connect_timeout does not cover the handshake"
     else:
         eff = _as_float(run.opt("connect_timeout"))
@@ -198,8 +201,9 @@ def _check_statement_timeout(run: _Run) -> None:
 def _check_call_deadline(run: _Run) -> None:
     """RDB503: a call on a silent connection cannot wait for ever."""
     c = run.policy.timeouts.call
-    pymysql_unbounded = (
+    pymysql_unbounded = (  # resilient_db's watchdog bounds its PyMySQL calls
         run.driver == "pymysql"
+        and not run.resilient
         and run.creator is None
         and _as_float(run.opt("read_timeout")) is None
     )
