@@ -231,6 +231,7 @@ def proxied(request: pytest.FixtureRequest) -> Iterator[tuple[sa.Engine, FaultPr
             engine.dispose()
 
 
+@pytest.mark.slow  # a whole-service scenario: skipped by the SQLAlchemy 2.0 pass
 def test_the_limit_falls_in_a_brownout_and_climbs_back_after(
     proxied: tuple[sa.Engine, FaultProxy],
 ) -> None:

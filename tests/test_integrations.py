@@ -149,12 +149,14 @@ def test_gunicorn_preload_workers_never_share_a_connection(pg_url: str) -> None:
     assert set() == first & second
 
 
+@pytest.mark.slow  # a whole-service scenario: skipped by the SQLAlchemy 2.0 pass
 def test_gunicorn_flask_sqlalchemy_outage(pg_url: str) -> None:
     """gunicorn --preload --threads 4 + Flask-SQLAlchemy: /live fast, explained 503s, back."""
     with proxied(pg_url) as (proxy, url), gunicorn(url, "--threads", "4") as base:
         drill(proxy, http(f"{base}/db"), http(f"{base}/live"))
 
 
+@pytest.mark.slow  # a whole-service scenario: skipped by the SQLAlchemy 2.0 pass
 def test_uvicorn_fastapi_sqlmodel_outage(pg_url: str) -> None:
     """uvicorn --workers 2, FastAPI lifespan + SQLModel on asyncpg: the same drill."""
     async_url = sa.make_url(pg_url).set(drivername="postgresql+asyncpg")
@@ -238,6 +240,7 @@ def task(result: Callable[[], Any]) -> Callable[[], Answer]:
     return call
 
 
+@pytest.mark.slow  # a whole-service scenario: skipped by the SQLAlchemy 2.0 pass
 def test_celery_errors_cross_the_result_backend_with_context(
     celery_app: tuple[ModuleType, Any],
 ) -> None:
