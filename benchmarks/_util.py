@@ -129,12 +129,13 @@ def per_database(
     args: argparse.Namespace,
     prog: str,
     measure: Callable[..., dict[str, Any]],
+    full: tuple[int, int] = FULL_ROUNDS,
 ) -> dict[str, dict[str, Any]]:
     """``measure(url, rounds=, calls=)`` on each database of ``--db``, by name.
 
     The rounds follow ``--smoke``; an unknown database name is a usage error.
     """
-    rounds, calls = SMOKE_ROUNDS if args.smoke else FULL_ROUNDS
+    rounds, calls = SMOKE_ROUNDS if args.smoke else full
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
