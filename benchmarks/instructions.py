@@ -13,10 +13,9 @@ times: check a connection out, run ``SELECT 1``, return it.
 The ratio is of client instructions only: the server's time and the network
 are not in it, so against a server it overstates the share of the request
 the library costs. Only the main thread (the one making the requests) counts:
-the watchdog thread wakes every 50 ms of wall time, and under valgrind a
-request takes ~50x longer, so its share per request would be ~50x what it is
-in real life, and vary with the machine's load (about 20 wake-ups a second,
-tens of microseconds each, outside valgrind).
+the watchdog thread wakes on wall-clock time (about once a second while calls
+are healthy), and under valgrind a request takes ~50x longer, so its share per
+request would be ~50x what it is in real life, and vary with the machine's load.
 
     python -m benchmarks.instructions [--db sqlite,pg,mariadb] [--requests 500]
 """
