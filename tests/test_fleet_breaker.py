@@ -598,6 +598,7 @@ def outcomes(calls: list[list[Any]]) -> list[str]:
     return [c[0] for c in calls]
 
 
+@pytest.mark.slow  # several seconds: skipped by the SQLAlchemy 2.0 pass
 def test_three_replicas_share_one_breaker(
     pg_url: str,
     redis_url: str,
