@@ -27,14 +27,10 @@ import sqlalchemy as sa
 import resilient_db
 
 from ._util import interleaved, median, per_database, reachable, table
+from .overhead import request
 
 TARGET = 1.05
 REDIS_URL = os.environ.get("RDB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _call(engine: sa.Engine, stmt: Any) -> object:
-    with engine.connect() as conn:
-        return conn.execute(stmt).scalar()
 
 
 def measure(url: str, redis_url: str, *, rounds: int, calls: int) -> dict[str, Any]:
@@ -48,9 +44,9 @@ def measure(url: str, redis_url: str, *, rounds: int, calls: int) -> dict[str, A
     try:
         samples = interleaved(
             {
-                "raw": lambda: _call(raw, stmt),
-                "local": lambda: _call(local, stmt),
-                "shared": lambda: _call(shared, stmt),
+                "raw": lambda: request(raw, stmt),
+                "local": lambda: request(local, stmt),
+                "shared": lambda: request(shared, stmt),
             },
             rounds=rounds,
             calls=calls,

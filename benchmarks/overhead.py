@@ -29,7 +29,8 @@ TARGET = 1.05
 ROUNDS = (61, 700)
 
 
-def _call(engine: sa.Engine, stmt: Any) -> object:
+def request(engine: sa.Engine, stmt: Any) -> object:
+    """What a request does: check a connection out, run ``stmt``, return the connection."""
     with engine.connect() as conn:
         return conn.execute(stmt).scalar()
 
@@ -41,7 +42,7 @@ def measure(url: str, *, rounds: int, calls: int) -> dict[str, Any]:
     stmt = sa.text("SELECT 1")
     try:
         samples = interleaved(
-            {"raw": lambda: _call(raw, stmt), "resilient_db": lambda: _call(res, stmt)},
+            {"raw": lambda: request(raw, stmt), "resilient_db": lambda: request(res, stmt)},
             rounds=rounds,
             calls=calls,
         )

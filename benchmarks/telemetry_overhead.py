@@ -31,6 +31,7 @@ import resilient_db
 from resilient_db.telemetry import instrument, telemetry_of
 
 from ._util import WARMUP, interleaved, median, per_database, table
+from .overhead import request
 
 #: variant -> target ratio to raw SQLAlchemy (None: informational)
 TARGETS: dict[str, float | None] = {
@@ -47,11 +48,6 @@ SDK_OPTIONS: dict[str, dict[str, Any]] = {
     "sdk_pool_timings": {"pool_timings": True},
     "sdk_no_timings": {"timings": False},
 }
-
-
-def _call(engine: sa.Engine, stmt: Any) -> object:
-    with engine.connect() as conn:
-        return conn.execute(stmt).scalar()
 
 
 def measure(url: str, *, rounds: int, calls: int) -> dict[str, Any]:
@@ -75,7 +71,7 @@ def measure(url: str, *, rounds: int, calls: int) -> dict[str, Any]:
     deferred: dict[str, float] = {}
     try:
         samples = interleaved(
-            {n: (lambda e=e: _call(e, stmt)) for n, e in engines.items()},
+            {n: (lambda e=e: request(e, stmt)) for n, e in engines.items()},
             rounds=rounds,
             calls=calls,
         )

@@ -129,8 +129,10 @@ def open_connection(r: Resilience, dialect: Any, cargs: Any, cparams: Any) -> An
     read = cparams.get("read_timeout")
     if not handshake or (read is not None and read <= handshake):
         return Connection(*cargs, **cparams)
-    # PyMySQL reads the server greeting with read_timeout, not connect_timeout:
-    # bound the handshake by the connect timeout, then restore the call deadline
+    # PyMySQL reads the server greeting with read_timeout, not connect_timeout: bound
+    # the handshake by the connect timeout, then restore the caller's read_timeout (none
+    # by default: the watchdog bounds the calls; the socket leaves timeout mode at the
+    # first read)
     conn = Connection(*cargs, **{**cparams, "read_timeout": handshake})
     conn._read_timeout = read
     return conn
