@@ -3,7 +3,10 @@
 The wall-clock benchmark (``benchmarks.overhead``) moves by several percent
 between runs on a shared machine. This one counts the instructions the
 client process executes per request, under ``valgrind --tool=callgrind``,
-which is repeatable whatever else the machine does. Each engine (raw
+which the machine's load does not move. It is not exact either: the same code
+measured 1.024-1.070 on PostgreSQL and 0.999-1.036 on SQLite in runs of one
+afternoon (hash seeds, memory layout, how often a driver polls its socket), so
+compare several runs. Each engine (raw
 SQLAlchemy, resilient_db with the default policy) runs in its own process
 twice, with a warm-up of 200 requests and then 200 and ``200 + N`` requests
 (the cyclic garbage collector off: it runs in lumps); the difference over N
