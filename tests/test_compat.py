@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,40 @@ def test_pool_functions_against_a_real_queue_pool() -> None:
         assert _compat.connection_state(object()) is None
     assert ["get", "return"] * 2 == got
     engine.dispose()
+
+
+def test_pool_connect_is_the_fairy_checkout_reclass_pool_calls() -> None:
+    """Pool.connect() is nothing but ``_ConnectionFairy._checkout(self)``.
+
+    reclass_pool calls that directly (one frame less per checkout) for every pool
+    class that inherits Pool.connect; a class with its own connect keeps it.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(sa.pool.Pool.connect)))
+    fn = tree.body[0]
+    assert isinstance(fn, ast.FunctionDef)
+    body = [
+        n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+    ]
+    assert ["return _ConnectionFairy._checkout(self)"] == [ast.unparse(n) for n in body]
+    queue = sa.create_engine("sqlite://", poolclass=QueuePool)
+    single = sa.create_engine("sqlite://", poolclass=sa.pool.SingletonThreadPool)
+    for engine in (queue, single):
+        _compat.reclass_pool(engine.pool, "Test", {}, checkout=_do_get, checkin=_do_return)
+    assert sa.pool.base._ConnectionFairy._checkout == type(queue.pool)._rdb_connect
+    assert sa.pool.SingletonThreadPool.connect is type(single.pool)._rdb_connect
+    for engine in (queue, single):
+        first = type(engine.pool)._rdb_connect(engine.pool)
+        assert first.dbapi_connection is not None
+        first.close()
+        engine.dispose()
+
+
+def _do_get(self):  # type: ignore[no-untyped-def]
+    return self._rdb_do_get()
+
+
+def _do_return(self, record):  # type: ignore[no-untyped-def]
+    self._rdb_do_return(record)
 
 
 def test_record_functions_against_a_real_record() -> None:

@@ -218,7 +218,7 @@ def limit_exceeded(r: Resilience, pool: Pool, in_use: int) -> PoolExhaustedError
     return PoolExhaustedError(f"{diagnosis} [engine '{r.name}']", ctx)
 
 
-def _checkout(self: Any) -> Any:
+def _admit(self: Any) -> Any:
     # Hot path, every checkout: breaker closed, no timings, no need to wait.
     r: Resilience = self._rdb
     lim = r.limit
@@ -243,10 +243,10 @@ def _checkout(self: Any) -> Any:
             if since is not None and r.clock() - since > idle:
                 rec = _vet(r, self, rec, 0, False)
         return rec
-    return _checkout_guarded(self)
+    return _admit_slow(self)
 
 
-def _checkout_guarded(self: Any) -> Any:
+def _admit_slow(self: Any) -> Any:
     r: Resilience = self._rdb
     timing = r.timing
     t0 = time.perf_counter() if timing is not None else 0.0
@@ -333,16 +333,16 @@ def _checkin(self: Any, record: Any) -> None:
 
 def _connect(self: Any) -> Any:
     # Pool.connect(): the flood of calls while the breaker is open is rejected here,
-    # before SQLAlchemy builds a checkout (the other cases: _checkout_guarded)
+    # before SQLAlchemy builds a checkout (the other cases: _admit_slow)
     b = self._rdb.breaker
     if b is not None and b.state is OPEN:
         rejected = b.rejection()
         if rejected is not None:
             raise circuit_open(self._rdb, rejected)
-    return self._rdb_base.connect(self)
+    return self._rdb_connect(self)  # the pool class's own connect (_compat.reclass_pool)
 
 
 def install_pool(pool: Pool, r: Resilience) -> None:
     """Make ``pool`` admit checkouts through ``r``'s breaker, bulkhead and idle ping."""
     attrs = {"_rdb": r, "__module__": __name__, "connect": _connect}
-    _compat.reclass_pool(pool, "Resilient", attrs, checkout=_checkout, checkin=_checkin)
+    _compat.reclass_pool(pool, "Resilient", attrs, checkout=_admit, checkin=_checkin)

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
+from sqlalchemy.pool.base import _ConnectionFairy
 from sqlalchemy.util import await_only, greenlet_spawn
 
 __all__ = [
@@ -67,6 +68,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("sqlalchemy.pool.base._ConnectionRecord", "_checkin_failed"),
     ("sqlalchemy.pool.base._ConnectionRecord", "checkin(_fairy_was_created=)"),
     ("sqlalchemy.pool.base._ConnectionFairy", "_connection_record"),
+    ("sqlalchemy.pool.base._ConnectionFairy", "_checkout"),  # what Pool.connect() calls
     ("sqlalchemy.engine.Connection", "_dbapi_connection"),
     ("sqlalchemy.engine.default.DefaultExecutionContext", "_dbapi_connection"),
     ("sqlalchemy.engine.Engine", "_proxied"),  # OptionEngine (Engine.execution_options())
@@ -103,7 +105,9 @@ def reclass_pool(
     class attributes. The original class is kept as ``_rdb_base``, and its
     checkout and check-in as the pool's own ``_rdb_do_get()`` /
     ``_rdb_do_return(record)`` (the original methods, called without a wrapper
-    on the hot path). A pool re-classed
+    on the hot path), and its ``connect`` as ``_rdb_connect(pool)``: for a class
+    that inherits ``Pool.connect``, the ``_ConnectionFairy._checkout`` that
+    method is made of, called without its frame. A pool re-classed
     before is re-classed from its original class. (CPython refuses to change
     an existing object's ``__class__`` to a class with an extra base, so the
     methods are set on a direct subclass.)
@@ -113,6 +117,9 @@ def reclass_pool(
         "_rdb_base": base,
         "_rdb_do_get": base._do_get,
         "_rdb_do_return": base._do_return_conn,
+        "_rdb_connect": staticmethod(
+            _ConnectionFairy._checkout if base.connect is Pool.connect else base.connect
+        ),
         **attrs,
         "_do_get": checkout,
         "_do_return_conn": checkin,
@@ -131,7 +138,8 @@ def base_pool_class(pool: Pool) -> type[Pool]:
 
 def queue_pool_can_grow(pool: Any) -> bool:
     """True when a QueuePool may still open a connection beyond its idle ones."""
-    return bool(pool._overflow < pool._max_overflow)
+    can: bool = pool._overflow < pool._max_overflow  # no bool(): every checkout calls this
+    return can
 
 
 def no_free_connection(pool: Any) -> bool:
