@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from . import _compat
 from ._admission import install_pool
-from ._connect import connect, connect_with, mariadb_session
+from ._connect import connect, connect_with, mariadb_session, open_connection
 from ._deadline import (
     SETTING_UP,
     guard_calls,
@@ -80,7 +80,7 @@ def install(engine: Engine, r: Resilience) -> None:
 
     install_pool(engine.pool, r)
     if r.watch and r.policy.breaker.probe_after is not None:
-        r.monitor = Monitor(r)
+        r.monitor = Monitor(r, open_connection)
 
     def do_connect(d: Any, rec: Any, ca: Any, cp: Any) -> Any:
         # the application's listeners registered after this one (after wrap()) run
@@ -90,6 +90,7 @@ def install(engine: Engine, r: Resilience) -> None:
         m = r.monitor
         if m is not None:  # the database answers; a MySQL probe logs in with these
             m.connect_kwargs = cp
+            m.connect_args = (d, ca, cp)  # and a session lookup (_sessions.py)
             m.unreachable = None
         return conn
 

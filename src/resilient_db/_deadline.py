@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _compat
+from ._sessions import DRIVERS, session_id
 from ._state import ConnState, Resilience, conn_state
 from ._watchdog import FOREVER, WATCHDOG, Slot, socket_fileno
 from .errors import ConfigurationError
@@ -75,6 +76,8 @@ def watch_connection(r: Resilience, dbapi_connection: Any, record: Any) -> None:
         return None if conn is None else socket_fileno(conn)
 
     slot = WATCHDOG.slot(fd, r.monitor)
+    if r.monitor is not None and r.driver in DRIVERS:
+        slot.session = session_id(driver)  # a silent call's session may be looked up
     slot.arm(r.policy.timeouts.call)  # type: ignore[arg-type]
     st = conn_state(record)
     st.slot, st.dbapi = slot, dbapi_connection

@@ -17,6 +17,9 @@ with an explained ``read_timeout``, and nobody waits for a connection. An
 answer: the slow calls are legitimate and run on to their own deadline. The
 verdict is about reaching the server, so it holds behind a brownout (one late
 reply is still a reply) and never cancels a long query on a healthy server.
+After an answer, a call silent for a few seconds has its own session looked up
+on the server (:mod:`._sessions`): one the server finished with long ago lost
+its reply on the way, and is cut too.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ._events import ProbeVerdict
+from ._sessions import STUCK_AFTER, idle_sessions, session_params
 from ._state import Resilience
 from ._watchdog import WATCHDOG
 from .classify import Target
@@ -47,7 +52,8 @@ _CONFIRM = 0.25  # seconds: the confirming probe's budget
 class Monitor:
     """One engine's silence detector and probe (set on ``Resilience.monitor``)."""
 
-    def __init__(self, r: Resilience) -> None:
+    def __init__(self, r: Resilience, open_: Callable[..., Any] | None = None) -> None:
+        """``open_(r, dialect, cargs, cparams)`` opens a session to look sessions up with."""
         b = r.policy.breaker
         assert b.probe_after is not None
         self.probe_after: float = b.probe_after
@@ -65,6 +71,12 @@ class Monitor:
         self.failed = 0
         #: the connect arguments of the last successful connect (for MySQL's handshake)
         self.connect_kwargs: dict[str, Any] = {}
+        #: (dialect, cargs, cparams) of the last successful connect, for session lookups
+        self.connect_args: tuple[Any, Any, dict[str, Any]] | None = None
+        self._open = open_
+        self._lookup_at = 0.0  # no session lookup before this (one every STUCK_AFTER)
+        #: calls cut because their session was idle on the server (their reply was lost)
+        self.lost_replies = 0
         #: when the last probe that got an answer finished, and how long the answer took
         self.answered_at = -1.0
         self.answered_in = 0.0
@@ -114,6 +126,7 @@ class Monitor:
 
     def _run(self) -> None:
         r = self._r()
+        answered = False
         try:
             if r is None:
                 return
@@ -130,6 +143,7 @@ class Monitor:
                 self.unreachable = None
                 self.answered_in, self.answered_at = took, time.monotonic()
                 r.events.emit(ProbeVerdict(r.name, True, None, 0))
+                answered = True
             else:
                 self._unreachable(r, reason)
         except Exception:  # pragma: no cover - a probe must never kill its thread loudly
@@ -138,6 +152,57 @@ class Monitor:
             self._next_at = time.monotonic() + self.probe_after
             self.probing = False
             self._done.set()
+        if answered and r is not None:  # after the verdict: nobody waits on the lookup
+            try:
+                self._lost_replies(r)
+            except Exception:  # pragma: no cover - as above
+                logger.debug("session lookup failed unexpectedly", exc_info=True)
+
+    def _lost_replies(self, r: Resilience) -> None:
+        """The server answers: cut the silent calls whose session it finished with."""
+        args, open_ = self.connect_args, self._open
+        now = time.monotonic()
+        if args is None or open_ is None or now < self._lookup_at:
+            return
+        due = [
+            s
+            for s in WATCHDOG.slots()
+            if s.monitor is self
+            and s.session is not None
+            and s.deadline
+            and not s.fired
+            and now - s.armed_at >= STUCK_AFTER
+        ]
+        if not due:
+            return
+        self._lookup_at = now + STUCK_AFTER  # a long query is looked up every few seconds
+        armed = {s: s.armed_at for s in due}
+        silent = {s.session: now - s.armed_at for s in due if s.session is not None}
+        dialect, cargs, cparams = args
+        params = session_params(r.driver or "", cparams, self.budget)
+        idle = idle_sessions(
+            r.target.dialect or "", lambda: open_(r, dialect, cargs, params), silent, self.budget
+        )
+        cut = 0
+        now = time.monotonic()
+        for s in due:
+            idle_for = idle.get(s.session) if s.session is not None else None
+            if idle_for is None or s.armed_at != armed[s] or not s.deadline or s.fired:
+                continue  # not idle, or that call ended meanwhile
+            s.cut = (
+                f"{r.target.where} finished this call {idle_for:.1f}s before (its session "
+                "is idle on the server) but the reply never arrived: this connection's "
+                "network path is broken (a NAT, firewall or load balancer dropped the "
+                "flow) while new connections get through, so the breaker stays closed."
+            )
+            s.deadline = min(s.deadline, now)  # due now
+            cut += 1
+        if cut:
+            self.lost_replies += cut
+            WATCHDOG.scan()  # shut them down now
+            logger.warning(
+                "engine '%s': %d call(s) cut whose reply was lost on the way", r.name, cut
+            )
 
     def _unreachable(self, r: Resilience, reason: str) -> None:
         """No answer: open the breaker, cut the calls in flight, report the verdict."""

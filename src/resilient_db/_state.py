@@ -139,6 +139,8 @@ class Resilience:
         # the telemetry timing each execute (db.client.operation.duration), or None
         self.exec_timer: Any = None
         self.pymysql = driver == "pymysql"
+        #: the dialect's driver name ("psycopg", "pymysql", ...), or None
+        self.driver: str | None = driver
         # host selection of a multi-host engine (resilient_db.failover.attach sets it)
         self.failover: Any = None
         # the silence detector and probe (resilient_db._probe.Monitor), or None

@@ -67,6 +67,7 @@ class Slot:
         "fired",
         "monitor",
         "own_call",
+        "session",
         "shot",
     )
 
@@ -89,6 +90,9 @@ class Slot:
         #: the connection's own call deadline while checked out (execution option
         #: ``resilient_db_call_timeout``): -1 none set, else seconds (FOREVER: no deadline)
         self.own_call = -1.0
+        #: the server's id of this connection's session, when its engine may look it up
+        #: (:mod:`resilient_db._sessions`)
+        self.session: int | None = None
 
     def arm(self, seconds: float) -> float:
         """Arm a deadline ``seconds`` from now, never later than one already armed.

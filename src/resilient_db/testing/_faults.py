@@ -22,6 +22,7 @@ class Fault(str, enum.Enum):
     RESET_AFTER = "reset_after"
     DROP_COMMIT_REPLY = "drop_commit_reply"
     RESET_BEFORE_COMMIT = "reset_before_commit"
+    LOSE_COMMIT_REPLY = "lose_commit_reply"
 
 
 ScheduleStep: TypeAlias = (

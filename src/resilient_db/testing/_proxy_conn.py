@@ -44,6 +44,7 @@ class Conn:
         "client_reader",
         "client_writer",
         "dead",
+        "deaf",
         "down_budget",
         "server_reader",
         "server_writer",
@@ -64,6 +65,8 @@ class Conn:
         self.down_budget: int | None = None
         # drop_commit_reply fired: swallow the server's reply, then reset.
         self.swallowing = False
+        # lose_commit_reply fired: drop whatever the server sends, keep both sides open.
+        self.deaf = False
         self.task: asyncio.Task[None] | None = None
 
     def reset(self) -> None:

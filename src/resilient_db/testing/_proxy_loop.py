@@ -294,6 +294,12 @@ class ProxyLoop:
                 if fault is Fault.DROP_COMMIT_REPLY:
                     self._commit_fault = None
                     conn.swallowing = True
+                if fault is Fault.LOSE_COMMIT_REPLY:
+                    self._commit_fault = None
+                    conn.deaf = True  # before the COMMIT leaves: its reply may come at once
+                    await self._forward(conn, data, writer, upstream=True)
+                    conn.blackholed = True  # the flow is dead both ways, and stays open
+                    continue
             if not await self._forward(conn, data, writer, upstream=True):
                 return
 
@@ -312,10 +318,10 @@ class ProxyLoop:
                 conn.reset()
                 return
             if not data:
-                if not self._silenced(conn):
+                if not self._silenced(conn) and not conn.deaf:
                     write_eof(writer)
                 return
-            if self._silenced(conn):
+            if self._silenced(conn) or conn.deaf:
                 continue
             budget = conn.down_budget
             if budget is not None and len(data) >= budget:

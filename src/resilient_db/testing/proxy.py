@@ -276,6 +276,16 @@ class FaultProxy(ProxyLoop):
         """
         self._apply(Fault.DROP_COMMIT_REPLY, ())
 
+    def lose_commit_reply(self) -> None:
+        """One-shot: forward the next COMMIT, then drop that connection's traffic, keeping it open.
+
+        The server commits and replies; the reply never arrives and the client's
+        socket stays open and silent, as when a NAT, firewall or load balancer
+        drops one flow while new connections get through. Fires once (on any
+        connection), then disarms.
+        """
+        self._apply(Fault.LOSE_COMMIT_REPLY, ())
+
     def reset_before_commit(self) -> None:
         """One-shot: RST the connection as soon as the client sends COMMIT, without forwarding it.
 
@@ -361,5 +371,6 @@ class FaultProxy(ProxyLoop):
             Fault.RESET_ALL: self._do_reset_all,
             Fault.DROP_COMMIT_REPLY: lambda: self._do_arm_commit(Fault.DROP_COMMIT_REPLY),
             Fault.RESET_BEFORE_COMMIT: lambda: self._do_arm_commit(Fault.RESET_BEFORE_COMMIT),
+            Fault.LOSE_COMMIT_REPLY: lambda: self._do_arm_commit(Fault.LOSE_COMMIT_REPLY),
         }
         return simple[fault]
