@@ -120,7 +120,7 @@ def sync_urls(dbs: str, tmp: str, prog: str) -> Iterator[tuple[str, str]]:
 
 
 #: (rounds, calls) of the interleaved sync benchmarks: ``--smoke`` and a full run.
-SMOKE_ROUNDS = (11, 300)
+SMOKE_ROUNDS = (7, 200)
 FULL_ROUNDS = (21, 2000)
 
 

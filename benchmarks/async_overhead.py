@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite,pg", help="comma-separated: sqlite,pg,psycopg")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    rounds, calls = (11, 200) if args.smoke else (21, 1000)
+    rounds, calls = (7, 150) if args.smoke else (21, 1000)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for db in args.db.split(","):

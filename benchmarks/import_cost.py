@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interpreters per variant")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (5 if args.smoke else 21)
+    rounds = args.rounds or (3 if args.smoke else 21)
     result = measure(rounds)
     if args.json:
         print(json.dumps(result, indent=2))

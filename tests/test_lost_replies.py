@@ -84,6 +84,7 @@ def test_a_lost_commit_reply_is_found_out_in_seconds(
             engine.dispose()
 
 
+@pytest.mark.slow  # waits for the server's clock: skipped by the SQLAlchemy 2.0 pass
 def test_session_lookup_tells_idle_from_running(server: str) -> None:
     """idle_sessions: a session in a long statement is not idle, an idle one is."""
     engine = sa.create_engine(server)

@@ -11,6 +11,10 @@ import pytest
 from tests import servers
 from tests.servers import APP_PASSWORD, APP_USER, MariaServer, PgServer, free_port, start_postgres
 
+# the test harness's own servers, not SQLAlchemy's business: skipped by the SQLAlchemy
+# 2.0 pass (.ci/run), like the other tests marked slow
+pytestmark = pytest.mark.slow
+
 # Make the session fixtures visible here even without tests/conftest.py re-exporting them
 # (plain assignments, so ruff's F811 does not fire on the same-named test arguments).
 throwaway_pg = servers.throwaway_pg
