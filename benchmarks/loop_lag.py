@@ -127,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a table (or JSON)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.loop_lag", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="a short run for CI")
-    ap.add_argument("--drivers", default="asyncpg,psycopg", help="comma-separated")
+    ap.add_argument(
+        "--drivers", default=None, help="comma-separated (default: asyncpg,psycopg; smoke: asyncpg)"
+    )
     ap.add_argument("--tasks", type=int, default=200, help="concurrent callers")
     ap.add_argument("--think", type=float, default=0.05, help="pause after a failure, s")
     ap.add_argument("--seconds", type=float, default=None, help="outage length per run")
@@ -146,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("resilient_db").setLevel(logging.ERROR)  # one warning per failure
     logging.getLogger("psycopg").setLevel(logging.ERROR)  # cancelled hung raw queries
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for driver in args.drivers.split(","):
+    drivers = args.drivers or ("asyncpg" if args.smoke else "asyncpg,psycopg")
+    for driver in drivers.split(","):
         if driver not in DRIVERS:
             ap.error(f"unknown driver {driver!r}")
         url = u.set(drivername=DRIVERS[driver]).render_as_string(hide_password=False)
