@@ -126,7 +126,7 @@ def test_a_failing_handler_never_breaks_a_call(
 def test_events_are_frozen_slotted_dataclasses() -> None:
     """Every event class is a frozen dataclass with slots, built field by field."""
     classes = [getattr(events, n) for n in events.__all__ if n[0].isupper()]
-    assert 12 == len(classes)
+    assert 13 == len(classes)
     for cls in classes:
         assert dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]

@@ -16,25 +16,20 @@ import pytest
 import sqlalchemy as sa
 
 import resilient_db
-from resilient_db import AmbiguousCommitError, Policy
+from resilient_db import AmbiguousCommitError, Policy, events
 from resilient_db._sessions import idle_sessions, session_id
 from resilient_db.engine import breaker_of, resilience_of
-from resilient_db.testing import FaultProxy
+from resilient_db.testing import DatabaseProxy
+from tests.servers import free_port
 
 DEFAULT = Policy(validate="off")
 
 
-@pytest.fixture(params=["pg", "mariadb"])
-def server(request: pytest.FixtureRequest) -> str:
-    """The URL of each shared server."""
-    return str(request.getfixturevalue("pg_url" if request.param == "pg" else "mariadb_url"))
-
-
 @pytest.fixture
-def table(server: str) -> Iterator[tuple[str, sa.Engine]]:
+def table(server_url: str) -> Iterator[tuple[str, sa.Engine]]:
     """A fresh table on the server, and a plain engine to look at it with."""
     name = f"lost_{uuid.uuid4().hex[:10]}"
-    plain = sa.create_engine(server)
+    plain = sa.create_engine(server_url)
     with plain.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)"))
     try:
@@ -45,19 +40,15 @@ def table(server: str) -> Iterator[tuple[str, sa.Engine]]:
         plain.dispose()
 
 
-def _proxied(url: str, proxy: FaultProxy) -> str:
-    u = sa.make_url(url)
-    return u.set(host=proxy.host, port=proxy.port).render_as_string(hide_password=False)
-
-
 def test_a_lost_commit_reply_is_found_out_in_seconds(
-    server: str, table: tuple[str, sa.Engine]
+    server_url: str, table: tuple[str, sa.Engine]
 ) -> None:
     """The COMMIT's session is idle on the server: the call is cut, an ambiguous commit."""
     name, plain = table
-    u = sa.make_url(server)
-    with FaultProxy(u.host or "127.0.0.1", u.port) as proxy:
-        engine = resilient_db.create_engine(_proxied(server, proxy), policy=DEFAULT)
+    with DatabaseProxy(server_url) as proxy:
+        engine = resilient_db.create_engine(proxy.url, policy=DEFAULT)
+        lost: list[events.RepliesLost] = []
+        events.subscribe(engine, lost.append, events.RepliesLost)
         try:
             with engine.connect() as conn:  # a pooled connection, then the fault
                 conn.execute(sa.text("SELECT 1"))
@@ -73,6 +64,8 @@ def test_a_lost_commit_reply_is_found_out_in_seconds(
             # after the session went idle for IDLE_FOR: seconds, not the 28 s deadline
             assert took < 6.0, took
             assert (1, False) == (proxy.commits_seen, proxy.commit_fault_armed)
+            assert [1] == [ev.cut for ev in lost]
+            assert "sent replies that never arrived" in lost[0].diagnosis
             monitor = resilience_of(engine).monitor
             assert (1, "closed") == (monitor.lost_replies, breaker_of(engine).state)
             with plain.connect() as check:  # the server did commit
@@ -85,9 +78,9 @@ def test_a_lost_commit_reply_is_found_out_in_seconds(
 
 
 @pytest.mark.slow  # waits for the server's clock: skipped by the SQLAlchemy 2.0 pass
-def test_session_lookup_tells_idle_from_running(server: str) -> None:
+def test_session_lookup_tells_idle_from_running(server_url: str) -> None:
     """idle_sessions: a session in a long statement is not idle, an idle one is."""
-    engine = sa.create_engine(server)
+    engine = sa.create_engine(server_url)
     sleep = "SELECT pg_sleep(3)" if engine.dialect.name == "postgresql" else "SELECT SLEEP(3)"
     try:
         idle_conn = engine.raw_connection()
@@ -117,13 +110,12 @@ def test_session_lookup_tells_idle_from_running(server: str) -> None:
         assert found[idle_id] >= 1.0
         # an idle session whose last statement began before the call did is no lost reply
         assert {} == idle_sessions(engine.dialect.name, connect, {idle_id: 0.5}, 2.0)
-        # a lookup that cannot connect gives no verdict at all
-        assert {} == idle_sessions(engine.dialect.name, _refused, silent, 2.0)
+        # a lookup that cannot connect (a port nobody listens on) gives no verdict at all
+        closed = sa.create_engine(sa.make_url(server_url).set(port=free_port()))
+        refused = lambda: closed.raw_connection().driver_connection  # noqa: E731
+        assert {} == idle_sessions(engine.dialect.name, refused, silent, 2.0)
+        closed.dispose()
         idle_conn.close()
         busy_conn.close()
     finally:
         engine.dispose()
-
-
-def _refused() -> object:
-    raise ConnectionRefusedError("no server")

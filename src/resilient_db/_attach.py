@@ -89,7 +89,6 @@ def install(engine: Engine, r: Resilience) -> None:
         conn = _new_connection(r, rec, lambda: connect(r, d, ca, cp, rec, later))
         m = r.monitor
         if m is not None:  # the database answers; a MySQL probe logs in with these
-            m.connect_kwargs = cp
             m.connect_args = (d, ca, cp)  # and a session lookup (_sessions.py)
             m.unreachable = None
         return conn

@@ -169,6 +169,17 @@ class ProbeVerdict(Event):
     cut: int
 
 
+@dataclass(frozen=True, slots=True)
+class RepliesLost(Event):
+    """The server answers, but ``cut`` silent calls were cut: their sessions were idle on it.
+
+    The server had sent those replies; they were lost on the way (``diagnosis``).
+    """
+
+    diagnosis: str
+    cut: int
+
+
 #: Every event class, in the order of a connection's life.
 EVENTS: tuple[type[Event], ...] = (
     ConnectStarted,
@@ -182,6 +193,7 @@ EVENTS: tuple[type[Event], ...] = (
     BreakerStateChanged,
     ValidationFailed,
     ProbeVerdict,
+    RepliesLost,
 )
 
 

@@ -34,10 +34,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._events import ProbeVerdict
+from ._events import ProbeVerdict, RepliesLost
 from ._sessions import STUCK_AFTER, idle_sessions, session_params
 from ._state import Resilience
-from ._watchdog import WATCHDOG
+from ._watchdog import WATCHDOG, Slot
 from .classify import Target
 
 __all__ = ["Monitor", "answers", "probeable"]
@@ -47,6 +47,10 @@ logger = logging.getLogger("resilient_db.probe")
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _UNREACHED = ("connect ",)  # verdicts of a connection that was never accepted
 _CONFIRM = 0.25  # seconds: the confirming probe's budget
+_LOST = (
+    "the connection's network path is broken (a NAT, firewall or load balancer dropped "
+    "the flow) while new connections get through, so the breaker stays closed."
+)
 
 
 class Monitor:
@@ -69,9 +73,8 @@ class Monitor:
         self.unreachable: str | None = None
         self.probes = 0
         self.failed = 0
-        #: the connect arguments of the last successful connect (for MySQL's handshake)
-        self.connect_kwargs: dict[str, Any] = {}
-        #: (dialect, cargs, cparams) of the last successful connect, for session lookups
+        #: (dialect, cargs, cparams) of the last successful connect: a MySQL probe logs
+        #: in with the cparams, a session lookup connects with all three
         self.connect_args: tuple[Any, Any, dict[str, Any]] | None = None
         self._open = open_
         self._lookup_at = 0.0  # no session lookup before this (one every STUCK_AFTER)
@@ -132,13 +135,14 @@ class Monitor:
                 return
             self.probes += 1
             t0 = time.monotonic()
-            reason = answers(r.target, self.budget, self.connect_kwargs)
+            kwargs = self.connect_args[2] if self.connect_args is not None else {}
+            reason = answers(r.target, self.budget, kwargs)
             took = time.monotonic() - t0
             if reason is not None and not reason.startswith(_UNREACHED):
                 # connected, then silence or a reset: confirm on another fresh connection,
                 # briefly, so a probe that met a blip that has healed (a stall, a proxy or
                 # load balancer resetting its flows) does not trip
-                reason = answers(r.target, min(_CONFIRM, self.budget), self.connect_kwargs)
+                reason = answers(r.target, min(_CONFIRM, self.budget), kwargs)
             if reason is None:
                 self.unreachable = None
                 self.answered_in, self.answered_at = took, time.monotonic()
@@ -183,26 +187,21 @@ class Monitor:
         idle = idle_sessions(
             r.target.dialect or "", lambda: open_(r, dialect, cargs, params), silent, self.budget
         )
-        cut = 0
-        now = time.monotonic()
+        cuts = []
         for s in due:
             idle_for = idle.get(s.session) if s.session is not None else None
-            if idle_for is None or s.armed_at != armed[s] or not s.deadline or s.fired:
-                continue  # not idle, or that call ended meanwhile
-            s.cut = (
+            if idle_for is None or s.armed_at != armed[s]:
+                continue  # not idle, or that call ended meanwhile (_cut skips a disarmed one)
+            why = (
                 f"{r.target.where} finished this call {idle_for:.1f}s before (its session "
-                "is idle on the server) but the reply never arrived: this connection's "
-                "network path is broken (a NAT, firewall or load balancer dropped the "
-                "flow) while new connections get through, so the breaker stays closed."
+                f"is idle on the server) but the reply never arrived: {_LOST}"
             )
-            s.deadline = min(s.deadline, now)  # due now
-            cut += 1
+            cuts.append((s, why))
+        cut = _cut(cuts)
         if cut:
             self.lost_replies += cut
-            WATCHDOG.scan()  # shut them down now
-            logger.warning(
-                "engine '%s': %d call(s) cut whose reply was lost on the way", r.name, cut
-            )
+            why = f"{r.target.where} answers, but had sent replies that never arrived: {_LOST}"
+            r.events.emit(RepliesLost(r.name, why, cut))  # logged at WARNING
 
     def _unreachable(self, r: Resilience, reason: str) -> None:
         """No answer: open the breaker, cut the calls in flight, report the verdict."""
@@ -215,16 +214,23 @@ class Monitor:
         self.unreachable = diagnosis
         if r.breaker is not None:
             r.breaker.trip(diagnosis)
-        cut = 0
-        now = time.monotonic()
-        for slot in WATCHDOG.slots():
-            if slot.monitor is self and slot.deadline and not slot.fired:
-                slot.cut = diagnosis
-                slot.deadline = min(slot.deadline, now)  # due now
-                cut += 1
-        if cut:
-            WATCHDOG.scan()  # shut them down now, not at the watchdog's next tick
+        slots = WATCHDOG.slots()
+        cut = _cut([(s, diagnosis) for s in slots if s.monitor is self and s.deadline])
         r.events.emit(ProbeVerdict(r.name, False, diagnosis, cut))  # logged at WARNING
+
+
+def _cut(cuts: list[tuple[Slot, str]]) -> int:
+    """Make each armed slot's call due now, with its reason; shut them down at once."""
+    now = time.monotonic()
+    cut = 0
+    for slot, why in cuts:
+        if slot.deadline and not slot.fired:
+            slot.cut = why
+            slot.deadline = min(slot.deadline, now)  # due now
+            cut += 1
+    if cut:
+        WATCHDOG.scan()  # not at the watchdog's next tick
+    return cut
 
 
 def probeable(target: Target) -> bool:

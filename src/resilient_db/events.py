@@ -34,6 +34,7 @@ from ._events import (
     ErrorClassified,
     Event,
     ProbeVerdict,
+    RepliesLost,
     RetryScheduled,
     ValidationFailed,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "ErrorClassified",
     "Event",
     "ProbeVerdict",
+    "RepliesLost",
     "RetryScheduled",
     "ValidationFailed",
     "subscribe",

@@ -30,6 +30,7 @@ from .._events import (
     ConnectFailed,
     ErrorClassified,
     ProbeVerdict,
+    RepliesLost,
     RetryScheduled,
 )
 from ..classify import Kind
@@ -65,6 +66,7 @@ class EngineLog:
         events.subscribe(self.summary.rejected, CircuitRejected)
         events.subscribe(self.error_classified, ErrorClassified)
         events.subscribe(self.probe_verdict, ProbeVerdict)
+        events.subscribe(self.replies_lost, RepliesLost)
 
     def breaker_changed(self, ev: BreakerStateChanged) -> None:
         """Log the change; leaving the open state reports the calls rejected meanwhile."""
@@ -95,6 +97,14 @@ class EngineLog:
                 ev.cut,
                 extra={"db_engine": ev.engine, "db_diagnosis": ev.diagnosis},
             )
+
+    def replies_lost(self, ev: RepliesLost) -> None:
+        """Calls cut because the server had sent their replies, which never arrived."""
+        probe_logger.warning(
+            "database answers; %d call(s) whose reply was lost on the way cut",
+            ev.cut,
+            extra={"db_engine": ev.engine, "db_diagnosis": ev.diagnosis},
+        )
 
 
 def _extra(r: Resilience, event: str, **fields: Any) -> dict[str, Any]:
